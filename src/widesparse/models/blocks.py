@@ -1,0 +1,235 @@
+"""Building blocks of the Mixer family: patch embedding, mixing MLPs (plain or randomly permuted), blocks.
+
+Mixing MLPs hold their linear maps as :class:`~widesparse.layers.PermutedKronLinear` layers, so every mixing
+weight can show its dense effective matrix on ``vec X`` (column-major, PAPER.md §2), while the forward pass
+computes in the natural ``(B, S, C)`` layout: token mixing is a linear map over the token axis, channel mixing a
+linear map over the channel axis, and the RP-Mixer's permutations ``J_1``/``J_2`` are one gather each on the
+row-major storage (PAPER.md §4.3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from widesparse.layers import PermutedKronLinear
+from widesparse.linalg import vec_positions, vec_to_rowmajor
+
+__all__ = ["PatchEmbed", "DropPath", "MixingMlp", "MixerBlock", "resolve_act_layer", "ACT_LAYERS", "to_2tuple"]
+
+ACT_LAYERS: dict[str, type[nn.Module]] = {
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+    "identity": nn.Identity,
+    "linear": nn.Identity,
+    "tanh": nn.Tanh,
+    "silu": nn.SiLU,
+    "sigmoid": nn.Sigmoid,
+}
+
+
+def resolve_act_layer(act: str | Callable[[], nn.Module] | None) -> Callable[[], nn.Module]:
+    """An activation factory from a name (``gelu``, ``relu``, ``identity``, ...) or a module class."""
+    if act is None:
+        return nn.GELU
+    if isinstance(act, str):
+        key = act.lower()
+        if key not in ACT_LAYERS:
+            raise ValueError(f"unknown activation {act!r}; valid: {', '.join(ACT_LAYERS)}")
+        return ACT_LAYERS[key]
+    return act
+
+
+def to_2tuple(v: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
+    """``8 -> (8, 8)``; validates positive integers and names the argument in errors."""
+    t = (v, v) if isinstance(v, int) else tuple(v)
+    if len(t) != 2 or not all(isinstance(i, int) and i > 0 for i in t):
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> linear embedding: ``(B, in_chans, H, W) -> (B, S, C)``, tokens row-major."""
+
+    def __init__(self, image_size, patch_size, in_chans: int, dim: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.image_size = to_2tuple(image_size, "image_size")
+        self.patch_size = to_2tuple(patch_size, "patch_size")
+        for axis, n, p in zip(("height", "width"), self.image_size, self.patch_size, strict=True):
+            if n % p:
+                raise ValueError(
+                    f"image {axis} {n} is not divisible by patch {axis} {p} "
+                    f"(image_size={self.image_size}, patch_size={self.patch_size}); choose a patch size dividing {n}"
+                )
+        self.grid_size = (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, dim, self.patch_size, self.patch_size, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2:] != self.image_size:
+            raise ValueError(f"input image size {tuple(x.shape[-2:])} != model image_size {self.image_size}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per example; ``rescale=True`` divides kept paths by the keep probability (timm)."""
+
+    def __init__(self, p: float = 0.0, rescale: bool = True) -> None:
+        super().__init__()
+        self.p, self.rescale = float(p), rescale
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep if self.rescale else x * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, rescale={self.rescale}"
+
+
+class MixingMlp(nn.Module):
+    """One mixing step over the token or the channel axis of ``X`` (B, S, C).
+
+    ``hidden=None``: a single matrix (the S-Mixer's theory form, PAPER.md (3)); otherwise ``fc1 -> act -> fc2``
+    with ``hidden`` units. ``permutation="random"`` puts fixed random ``J_1`` on the input vec and ``J_2`` on
+    the output vec (RP-Mixer, PAPER.md §4.3); ``"identity"`` is the plain Mixer.
+
+    Effective weights on ``vec X``: token ``fc`` = ``J (I_C ⊗ W)``, channel ``fc`` = ``J (W ⊗ I_S)`` where ``W`` is
+    ``fc.weight`` (so ``W = V^T`` in the paper's ``X V`` notation).
+    """
+
+    idx_in: Tensor | None
+    idx_out: Tensor | None
+
+    def __init__(
+        self,
+        axis: Literal["token", "channel"],
+        num_tokens: int,
+        dim: int,
+        hidden: int | None,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        permutation: Literal["identity", "random"] = "identity",
+        seed: int = 0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if axis not in ("token", "channel"):
+            raise ValueError(f"axis must be 'token' or 'channel', got {axis!r}")
+        if permutation not in ("identity", "random"):
+            raise ValueError(f"permutation must be 'identity' or 'random', got {permutation!r}")
+        self.axis, self.num_tokens, self.dim = axis, num_tokens, dim
+        n, k = (num_tokens, dim) if axis == "token" else (dim, num_tokens)
+        blocks = "contiguous" if axis == "token" else "interleaved"
+        perm = None if permutation == "identity" else "random"
+        kw = {"blocks": blocks, "device": device, "dtype": dtype}
+        if hidden is None:
+            self.fc1 = PermutedKronLinear(n, n, k, perm_in=perm, perm_out=perm, seed=seed, **kw)
+            self.act = None
+            self.fc2 = None
+        else:
+            if int(hidden) != hidden or hidden < 1:
+                raise ValueError(f"{axis} hidden width must be a positive integer, got {hidden!r}")
+            self.fc1 = PermutedKronLinear(n, int(hidden), k, perm_in=perm, seed=seed, **kw)
+            self.act = act_layer()
+            self.fc2 = PermutedKronLinear(int(hidden), n, k, perm_out=perm, seed=seed + 2, **kw)
+        self.register_buffer("idx_in", None, persistent=False)
+        self.register_buffer("idx_out", None, persistent=False)
+        self.refresh_gather_indices()
+        self.register_load_state_dict_post_hook(lambda module, _incompatible: module.refresh_gather_indices())
+
+    @property
+    def layers(self) -> list[PermutedKronLinear]:
+        """The structured linear maps in order (one or two)."""
+        return [self.fc1] if self.fc2 is None else [self.fc1, self.fc2]
+
+    def refresh_gather_indices(self) -> None:
+        """Turn the vec-space permutations into single gathers on row-major storage (after init or load)."""
+        S, C = self.num_tokens, self.dim
+        p_in, p_out = self.layers[0].perm_in, self.layers[-1].perm_out
+        vp = vec_positions(S, C, device=self.fc1.weight.device)
+        if self.axis == "token":  # hidden layout (B, C, S): flat position j is the vec position j
+            self.idx_in = None if p_in is None else vec_to_rowmajor(p_in, S, C)
+            self.idx_out = None if p_out is None else p_out[vp]
+        else:  # hidden layout (B, S, C): flat position is row-major
+            self.idx_in = None if p_in is None else vec_to_rowmajor(p_in[vp], S, C)
+            self.idx_out = None if p_out is None else vec_to_rowmajor(p_out[vp], S, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, S, C = x.shape
+        if self.axis == "token":
+            h = x.transpose(1, 2) if self.idx_in is None else x.reshape(B, S * C)[:, self.idx_in].view(B, C, S)
+        else:
+            h = x if self.idx_in is None else x.reshape(B, S * C)[:, self.idx_in].view(B, S, C)
+        h = F.linear(h, self.fc1.weight, self.fc1.bias)
+        if self.fc2 is not None:
+            h = F.linear(self.act(h), self.fc2.weight, self.fc2.bias)
+        if self.idx_out is not None:
+            return h.reshape(B, S * C)[:, self.idx_out].view(B, S, C)
+        return h.transpose(1, 2) if self.axis == "token" else h
+
+
+class MixerBlock(nn.Module):
+    """Token mixing then channel mixing (PAPER.md (1)-(2)); S-Mixer form with ``norm=False, residual=False``.
+
+    Mixer: ``U = X + MLP_tok(LN(X))``, ``Y = U + MLP_ch(LN(U))``. S-Mixer (PAPER.md (3)): ``H = act(mix_tok(X))``,
+    ``Y = act(mix_ch(H))`` (``outer_act=True``, no LN, no skip).
+    """
+
+    def __init__(
+        self,
+        num_tokens: int,
+        dim: int,
+        token_hidden: int | None,
+        channel_hidden: int | None,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+        residual: bool = True,
+        outer_act: bool = False,
+        drop_path: float = 0.0,
+        drop_path_rescale: bool = True,
+        permutation: Literal["identity", "random"] = "identity",
+        seeds: tuple[int, int] = (0, 0),
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.residual = residual
+        self.norm1 = norm_layer(dim, **fk) if norm_layer is not None else nn.Identity()
+        self.mlp_tokens = MixingMlp("token", num_tokens, dim, token_hidden, act_layer, permutation, seeds[0], **fk)
+        self.norm2 = norm_layer(dim, **fk) if norm_layer is not None else nn.Identity()
+        self.mlp_channels = MixingMlp("channel", num_tokens, dim, channel_hidden, act_layer, permutation, seeds[1], **fk)
+        self.act = act_layer() if outer_act else None
+        self.drop_path = DropPath(drop_path, drop_path_rescale) if drop_path > 0 else nn.Identity()
+
+    def _step(self, x: Tensor, norm: nn.Module, mlp: MixingMlp) -> Tensor:
+        y = mlp(norm(x))
+        if self.act is not None:
+            y = self.act(y)
+        return x + self.drop_path(y) if self.residual else y
+
+    def forward_token(self, x: Tensor) -> Tensor:
+        """Token-mixing sublayer (its output is one intermediate feature)."""
+        return self._step(x, self.norm1, self.mlp_tokens)
+
+    def forward_channel(self, x: Tensor) -> Tensor:
+        """Channel-mixing sublayer."""
+        return self._step(x, self.norm2, self.mlp_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_channel(self.forward_token(x))
+
+
+def lecun_normal_(t: Tensor) -> Tensor:
+    """LeCun normal (truncated at 2 std, JAX's ``variance_scaling(1, 'fan_in', 'truncated_normal')``)."""
+    fan_in = t.shape[1] * (t[0][0].numel() if t.ndim > 2 else 1)
+    std = (1.0 / fan_in) ** 0.5 / 0.87962566103423978
+    with torch.no_grad():
+        return nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std)

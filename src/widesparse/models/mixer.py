@@ -1,0 +1,314 @@
+"""MLP-Mixer, S-Mixer and RP-Mixer: the Mixer family of Hayase & Karakida.
+
+Papers:
+    Tolstikhin et al., "MLP-Mixer: An all-MLP Architecture for Vision", NeurIPS 2021, arXiv:2105.01601.
+    Hayase & Karakida, "Understanding MLP-Mixer as a Wide and Sparse MLP", ICML 2024, arXiv:2306.01470.
+    (No official code exists for the latter; widesparse is its reference implementation.)
+
+Block (PAPER.md (1)-(2)): ``U = X + W_2 act(W_1 LN(X))`` (token mixing, widths S -> D_S -> S) and
+``Y = U + act(LN(U) W_3) W_4`` (channel mixing, C -> D_C -> C). On ``x = vec X`` these are the wide sparse
+maps ``I_C ⊗ W`` (density 1/C) and ``V^T ⊗ I_S`` (density 1/S) of width ``m = S*C``.
+
+* ``mixer``: the original Mixer (pre-norm residual, LayerNorm eps 1e-6, GELU).
+* ``s_mixer``: PAPER.md (3), no LayerNorm, no skip, one matrix per mixing step followed by the activation;
+  ``mixing_layers=2`` gives two-layer expanded mixing MLPs (still no LN/skip, activation after each step).
+* ``rp_mixer``/``rp_s_mixer``: fixed uniform random permutations ``J_1`` on the input vec and ``J_2`` on the
+  output vec of every mixing step (PAPER.md §4.3); ``permutation="identity"`` reproduces the Mixer exactly.
+
+Widths: ``token_hidden = round(token_expansion * S)``, ``channel_hidden = round(channel_expansion * C)``
+unless given explicitly (the original presets fix them: B/16 has D_S = 384, D_C = 3072).
+
+Init (``init_mode``):
+* ``"mixer"`` (default): the original Mixer init as timm implements it: Xavier-uniform mixing weights (on the
+  small factors, i.e. as ``nn.Linear``), mixing-MLP biases ~ N(0, 1e-6), LeCun-normal patch embedding with zero
+  bias, LayerNorm weight 1 / bias 0, zero head weight and bias ``head_bias``.
+* ``"jax"``: as the official Flax code: LeCun-normal mixing weights, zero biases, zero head.
+* ``"gaussian"``: mixing weights N(0, 1/fan_in), zero biases (the Marchenko-Pastur setting of E3).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from widesparse.layers import PermutedKronLinear
+from widesparse.models.blocks import MixerBlock, PatchEmbed, lecun_normal_, resolve_act_layer
+from widesparse.models.registry import register_model
+
+__all__ = ["MlpMixer"]
+
+InitMode = Literal["mixer", "jax", "gaussian"]
+
+
+class MlpMixer(nn.Module):
+    """The Mixer family on images ``(B, in_chans, H, W)``: patch embedding, ``depth`` blocks, LN, mean, head."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        image_size: int | tuple[int, int] = 32,
+        patch_size: int | tuple[int, int] = 4,
+        in_chans: int = 3,
+        dim: int = 128,
+        depth: int = 8,
+        token_expansion: float = 2.0,
+        channel_expansion: float = 4.0,
+        token_hidden: int | None = None,
+        channel_hidden: int | None = None,
+        act_layer: str | Callable[[], nn.Module] = "gelu",
+        norm: bool = True,
+        residual: bool = True,
+        outer_act: bool = False,
+        mixing_layers: int = 2,
+        permutation: Literal["identity", "random"] = "identity",
+        seed: int = 0,
+        drop_path_rate: float = 0.0,
+        drop_path_schedule: Literal["linear", "uniform"] = "linear",
+        drop_path_rescale: bool = True,
+        init_mode: InitMode = "mixer",
+        head_bias: float = 0.0,
+        ln_eps: float = 1e-6,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        if depth < 1 or dim < 1 or num_classes < 0:
+            raise ValueError(f"need depth >= 1, dim >= 1, num_classes >= 0; got {depth}, {dim}, {num_classes}")
+        if mixing_layers not in (1, 2):
+            raise ValueError(f"mixing_layers must be 1 or 2, got {mixing_layers}")
+        self.stem = PatchEmbed(image_size, patch_size, in_chans, dim, **fk)
+        S = self.num_tokens = self.stem.num_patches
+        self.dim = self.num_features = dim
+        self.num_classes = num_classes
+        self.permutation = permutation
+        if mixing_layers == 1:
+            self.token_hidden = self.channel_hidden = None
+        else:
+            self.token_hidden = int(token_hidden) if token_hidden is not None else _width(token_expansion, S, "token")
+            self.channel_hidden = (
+                int(channel_hidden) if channel_hidden is not None else _width(channel_expansion, dim, "channel")
+            )
+        act = resolve_act_layer(act_layer)
+        norm_layer = partial(nn.LayerNorm, eps=ln_eps) if norm else None
+        rates = _drop_path_rates(drop_path_rate, depth, drop_path_schedule)
+        self.blocks = nn.Sequential(
+            *[
+                MixerBlock(
+                    S, dim, self.token_hidden, self.channel_hidden, act, norm_layer, residual, outer_act,
+                    rates[i], drop_path_rescale, permutation, _layer_seeds(seed, i), **fk,
+                )
+                for i in range(depth)
+            ]
+        )
+        self.norm = nn.LayerNorm(dim, eps=ln_eps, **fk)
+        self.head = nn.Linear(dim, num_classes, **fk) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
+        self.init_weights(init_mode, head_bias)
+
+    # ---------------------------------------------------------------------------------------------- init
+    def init_weights(self, mode: InitMode = "mixer", head_bias: float = 0.0) -> None:
+        """Re-initialise every parameter (see the module docstring for the modes)."""
+        if mode not in ("mixer", "jax", "gaussian"):
+            raise ValueError(f"unknown init_mode {mode!r}; valid: mixer, jax, gaussian")
+        with torch.no_grad():
+            for name, m in self.named_modules():
+                if isinstance(m, PermutedKronLinear):
+                    if mode == "mixer":
+                        nn.init.xavier_uniform_(m.weight)
+                    elif mode == "jax":
+                        lecun_normal_(m.weight)
+                    else:
+                        nn.init.normal_(m.weight, std=1.0 / math.sqrt(m.in_block))
+                    if m.bias is not None:
+                        nn.init.normal_(m.bias, std=1e-6) if mode == "mixer" else nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.Conv2d):
+                    lecun_normal_(m.weight)
+                    nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.LayerNorm):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.Linear) and name == "head":
+                    nn.init.zeros_(m.weight)
+                    nn.init.constant_(m.bias, head_bias)
+
+    # ------------------------------------------------------------------------------------------- surface
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass to save memory (outputs are unchanged)."""
+        self.grad_checkpointing = enable
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head (``num_classes=0``: no head, features out)."""
+        p = self.norm.weight
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.dim, num_classes, device=p.device, dtype=p.dtype) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def feature_names(self) -> list[str]:
+        """Names of the 2 * depth mixing sublayers whose outputs :meth:`forward_intermediates` returns."""
+        return [f"blocks.{i}.{kind}" for i in range(len(self.blocks)) for kind in ("token", "channel")]
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images -> final normalised token features ``(B, S, C)``."""
+        x = self.stem(x)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            for blk in self.blocks:
+                x = checkpoint(blk, x, use_reentrant=False)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Token-mean pooling then the linear head (``pre_logits=True`` stops before the head)."""
+        x = x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: Literal["NLC", "vec"] = "NLC",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Residual-stream features after every mixing sublayer (token and channel: ``2 * depth`` of them).
+
+        Args:
+            indices: ``None`` for all, an int ``n`` for the last ``n``, or a list of sublayer indices
+                (negative allowed) into :meth:`feature_names`.
+            norm: apply the final LayerNorm to each returned feature.
+            stop_early: stop after the last requested sublayer (then the final features are not computed).
+            output_fmt: ``"NLC"`` gives ``(B, S, C)``; ``"vec"`` gives column-major ``vec X`` of shape ``(B, S*C)``.
+            intermediates_only: return only the list.
+        """
+        n = 2 * len(self.blocks)
+        take = _resolve_indices(indices, n)
+        if output_fmt not in ("NLC", "vec"):
+            raise ValueError(f"output_fmt must be 'NLC' or 'vec', got {output_fmt!r}")
+        feats: list[Tensor] = []
+        x = self.stem(x)
+        last = max(take) if (stop_early or intermediates_only) and take else n - 1
+        for j in range(last + 1):
+            blk = self.blocks[j // 2]
+            x = blk.forward_token(x) if j % 2 == 0 else blk.forward_channel(x)
+            if j in take:
+                f = self.norm(x) if norm else x
+                feats.append(f.transpose(1, 2).reshape(f.shape[0], -1) if output_fmt == "vec" else f)
+        if intermediates_only:
+            return feats
+        if last < n - 1:
+            raise ValueError("stop_early=True leaves the final features uncomputed; use intermediates_only=True")
+        return self.norm(x), feats
+
+
+def _width(expansion: float, n: int, what: str) -> int:
+    w = int(round(expansion * n))
+    if w < 1:
+        raise ValueError(f"{what} hidden width round({expansion} * {n}) = {w} < 1; raise {what}_expansion")
+    return w
+
+
+def _drop_path_rates(rate: float, depth: int, schedule: str) -> list[float]:
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
+    if schedule == "uniform":
+        return [rate] * depth
+    if schedule != "linear":
+        raise ValueError(f"drop_path_schedule must be 'linear' or 'uniform', got {schedule!r}")
+    return [rate * i / max(depth - 1, 1) for i in range(depth)]
+
+
+def _layer_seeds(seed: int, block: int) -> tuple[int, int]:
+    """Independent permutation seeds per (model seed, block, axis), apart from the weight-init RNG."""
+    a, b = np.random.SeedSequence([int(seed), int(block)]).generate_state(2)
+    return int(a) >> 2, int(b) >> 2
+
+
+def _resolve_indices(indices: int | Sequence[int] | None, n: int) -> list[int]:
+    if indices is None:
+        return list(range(n))
+    if isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise ValueError(f"indices={indices}: ask for between 1 and {n} final sublayers")
+        return list(range(n - indices, n))
+    out = []
+    for i in indices:
+        if not -n <= i < n:
+            raise ValueError(f"sublayer index {i} out of range for {n} mixing sublayers")
+        out.append(i % n)
+    return sorted(set(out))
+
+
+# ------------------------------------------------------------------------------------------------ registry
+_MIXER_KWARGS = set(MlpMixer.__init__.__code__.co_varnames[1 : MlpMixer.__init__.__code__.co_argcount])
+
+
+def _build(variant: dict[str, Any], kwargs: dict[str, Any], name: str) -> MlpMixer:
+    unknown = sorted(set(kwargs) - _MIXER_KWARGS)
+    if unknown:
+        raise TypeError(f"model {name!r} got unknown keyword argument(s) {unknown}; valid: {sorted(_MIXER_KWARGS)}")
+    return MlpMixer(**{**variant, **kwargs})
+
+
+_S_MIXER = {"norm": False, "residual": False, "outer_act": True, "mixing_layers": 1}
+_RP = {"permutation": "random"}
+
+
+def _register(name: str, variant: dict[str, Any], doc: str) -> None:
+    def fn(**kwargs: Any) -> MlpMixer:
+        return _build(variant, kwargs, name)
+
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = doc
+    fn.preset = dict(variant)  # type: ignore[attr-defined]
+    register_model(fn)
+
+
+_register("mixer", {}, "MLP-Mixer; sizes from keyword arguments (defaults: 32 px, patch 4, C=128, depth 8).")
+_register("s_mixer", _S_MIXER, "S-Mixer (PAPER.md (3)): no LayerNorm, no skip, one matrix per mixing step.")
+_register("rp_mixer", _RP, "RP-Mixer: the Mixer with fixed random permutations around every mixing MLP.")
+_register("rp_s_mixer", {**_S_MIXER, **_RP}, "RP S-Mixer: the S-Mixer with fixed random permutations.")
+
+# Original Mixer widths (Tolstikhin et al., Table 1): C, depth, D_S, D_C. 224 px, 1000 classes.
+_IMAGENET = {"image_size": 224, "in_chans": 3, "num_classes": 1000}
+_SIZES = {
+    "s": {"dim": 512, "depth": 8, "token_hidden": 256, "channel_hidden": 2048},
+    "b": {"dim": 768, "depth": 12, "token_hidden": 384, "channel_hidden": 3072},
+    "l": {"dim": 1024, "depth": 24, "token_hidden": 512, "channel_hidden": 4096},
+}
+_PRESETS: dict[str, tuple[dict[str, Any], str]] = {
+    f"mixer_{size}{patch}": ({**_IMAGENET, **_SIZES[size], "patch_size": patch}, f"Mixer-{size.upper()}/{patch}.")
+    for size in ("s", "b", "l")
+    for patch in (32, 16)
+}
+_PRESETS["mixer_b_w"] = (
+    {**_IMAGENET, **_SIZES["b"], "patch_size": 14, "dim": 588},
+    "Mixer-B-W (PAPER.md E9): S = 256 (patch 14 on 224 px), C = 588, so m = S*C = 150,528 as in Mixer-B/16. "
+    "Choice (the paper does not give them): D_S = 384, D_C = 3072 as in B/16, so Omega = m (D_S + D_C)/2 is "
+    "exactly B/16's.",
+)
+_CIFAR = {"image_size": 32, "in_chans": 3, "num_classes": 10}
+_PRESETS["mixer_cifar_nano"] = (
+    {**_CIFAR, "patch_size": 4, "dim": 128, "depth": 8, "token_hidden": 64, "channel_hidden": 512},
+    "CIFAR Mixer-nano (omihub777/MLP-Mixer-CIFAR): S = 64, C = 128, D_S = 64, D_C = 512, depth 8.",
+)
+_PRESETS["mixer_cifar_s64"] = (
+    {**_CIFAR, "patch_size": 4, "dim": 64, "depth": 8, "token_expansion": 2.0, "channel_expansion": 2.0},
+    "The widest Mixer at Omega = 2^19, gamma = 2 on CIFAR (PAPER.md §3.6, E2): S = C = 64, depth 8.",
+)
+for _name, (_variant, _doc) in _PRESETS.items():
+    _register(_name, _variant, _doc)
+    _register("rp_" + _name, {**_variant, **_RP}, "RP twin of " + _doc)
