@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from widesparse.layers.base import StructuredLinear
 from widesparse.linalg import (
     apply_identity_kron,
     apply_kron_identity,
@@ -30,7 +31,6 @@ from widesparse.linalg import (
     kron_dense,
     random_perm,
 )
-from widesparse.layers.base import StructuredLinear
 
 __all__ = ["PermutedKronLinear", "PermSpec"]
 
@@ -39,7 +39,7 @@ Blocks = Literal["contiguous", "interleaved"]
 
 
 class PermutedKronLinear(StructuredLinear):
-    """``x -> J_2 (B x' + bias) with x' = J_1 x``, ``B = I_k ⊗ A`` or ``A ⊗ I_k``; ``A`` of shape ``(out_block, in_block)``.
+    """``x -> J_2 (B J_1 x + bias)`` with ``B = I_k ⊗ A`` or ``A ⊗ I_k``, ``A`` of shape ``(out_block, in_block)``.
 
     Args:
         in_block: columns ``q`` of ``A``.

@@ -203,9 +203,10 @@ class MixerBlock(nn.Module):
         fk = {"device": device, "dtype": dtype}
         self.residual = residual
         self.norm1 = norm_layer(dim, **fk) if norm_layer is not None else nn.Identity()
-        self.mlp_tokens = MixingMlp("token", num_tokens, dim, token_hidden, act_layer, permutation, seeds[0], **fk)
+        mk = {"act_layer": act_layer, "permutation": permutation, **fk}
+        self.mlp_tokens = MixingMlp("token", num_tokens, dim, token_hidden, seed=seeds[0], **mk)
         self.norm2 = norm_layer(dim, **fk) if norm_layer is not None else nn.Identity()
-        self.mlp_channels = MixingMlp("channel", num_tokens, dim, channel_hidden, act_layer, permutation, seeds[1], **fk)
+        self.mlp_channels = MixingMlp("channel", num_tokens, dim, channel_hidden, seed=seeds[1], **mk)
         self.act = act_layer() if outer_act else None
         self.drop_path = DropPath(drop_path, drop_path_rescale) if drop_path > 0 else nn.Identity()
 

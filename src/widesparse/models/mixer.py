@@ -148,10 +148,12 @@ class MlpMixer(nn.Module):
         """Replace the head (``num_classes=0``: no head, features out)."""
         p = self.norm.weight
         self.num_classes = num_classes
-        self.head = nn.Linear(self.dim, num_classes, device=p.device, dtype=p.dtype) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
+            self.head = nn.Linear(self.dim, num_classes, device=p.device, dtype=p.dtype)
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+        else:
+            self.head = nn.Identity()
 
     def feature_names(self) -> list[str]:
         """Names of the 2 * depth mixing sublayers whose outputs :meth:`forward_intermediates` returns."""

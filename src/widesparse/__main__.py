@@ -1,0 +1,5 @@
+import sys
+
+from widesparse.cli import main
+
+sys.exit(main())

@@ -1,0 +1,191 @@
+"""The ``widesparse`` command line: each command is a thin call into the library.
+
+    widesparse models [PATTERN]
+    widesparse describe NAME [--check] [--all] [--KWARG VALUE ...]
+    widesparse plan --omega 2**19 --gamma 2 [--S 4,8,16] [--round]
+    widesparse train --model NAME --dataset digits [--epochs N ...] [--KWARG VALUE ...]
+
+Unknown ``--key value`` options of ``describe`` and ``train`` are model keyword arguments (``--dim 64``,
+``--patch-size 2,4``, ``--act-layer relu``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main", "build_parser", "parse_model_kwargs"]
+
+
+def parse_value(text: str) -> Any:
+    """``"3" -> 3``, ``"0.5" -> 0.5``, ``"true" -> True``, ``"2,4" -> (2, 4)``, ``"none" -> None``, else the text."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    if "," in text:
+        return tuple(parse_value(t) for t in text.split(",") if t)
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_model_kwargs(extra: Sequence[str]) -> dict[str, Any]:
+    """``["--dim", "64", "--patch-size", "2,4", "--no-norm"]`` -> ``{"dim": 64, "patch_size": (2, 4), ...}``."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(extra):
+        tok = extra[i]
+        if not tok.startswith("--") or len(tok) < 3:
+            raise ValueError(f"unexpected argument {tok!r}; model options look like --dim 64")
+        key, eq, val = tok[2:].partition("=")
+        key = key.replace("-", "_")
+        if eq:
+            out[key] = parse_value(val)
+            i += 1
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            out[key] = parse_value(extra[i + 1])
+            i += 2
+        else:
+            out[key] = True
+            i += 1
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="widesparse", description="MLP-Mixer as a wide and sparse MLP.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("models", help="list registered models")
+    s.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'rp_*'")
+
+    s = sub.add_parser("describe", help="effective widths, densities and connections of a model")
+    s.add_argument("name", help="registered model name (see `widesparse models`)")
+    s.add_argument("--check", action="store_true", help="also verify to_wide_mlp against the model (float64)")
+    s.add_argument("--all", action="store_true", help="show every layer, not only the first blocks")
+
+    s = sub.add_parser("plan", help="Mixer shapes (S, C) along a fixed connection budget")
+    s.add_argument("--omega", required=True, help="connections per layer, e.g. 2**19 or 524288")
+    s.add_argument("--gamma", type=float, default=2.0, help="expansion factor (default 2)")
+    s.add_argument("--S", dest="S", default=None, help="token counts, e.g. 4,8,16 (default: powers of two)")
+    s.add_argument("--round", action="store_true", help="round C to integers and report the realised budget")
+
+    s = sub.add_parser("train", help="train a model on a data set (first loop; digits is embedded)")
+    s.add_argument("--model", default="mixer")
+    s.add_argument("--dataset", default="digits")
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--lr", type=float, default=None)
+    s.add_argument("--weight-decay", type=float, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--out-dir", default=None)
+    s.add_argument("--run-name", default=None)
+    s.add_argument("--device", default=None)
+    s.add_argument("--num-threads", type=int, default=None)
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _cmd_models(args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    from widesparse.models import list_models
+
+    names = list_models(args.pattern)
+    if not names:
+        print(f"no model matches {args.pattern!r}", file=sys.stderr)
+        return 1
+    print("\n".join(names))
+    return 0
+
+
+def _cmd_describe(args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    import torch
+
+    from widesparse.effective import (
+        DEFAULT_MAX_BYTES,
+        ModelTooLargeError,
+        dense_bytes,
+        describe,
+        format_report,
+        to_wide_mlp,
+    )
+    from widesparse.models import create_model
+
+    model = create_model(args.name, device="meta", **extra)
+    print(format_report(describe(model, args.name), max_rows=None if args.all else 8))
+    if not args.check:
+        return 0
+    try:
+        if dense_bytes(model, torch.float64) > DEFAULT_MAX_BYTES:  # say so before allocating the real model
+            to_wide_mlp(model, dtype=torch.float64)
+        model = create_model(args.name, dtype=torch.float64, **extra).eval()
+        wide = to_wide_mlp(model)
+    except ModelTooLargeError as e:
+        print(f"check: not possible: {e}", file=sys.stderr)
+        return 2
+    stem = model.stem
+    x = torch.randn(2, stem.proj.in_channels, *stem.image_size, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        err = (wide(x) - model(x)).abs().max().item()
+    ok = err < 1e-10
+    print(f"check: to_wide_mlp(model) vs model on random input (float64): max abs error {err:.3e} "
+          f"({'OK' if ok else 'FAILED'}, tolerance 1e-10)")
+    return 0 if ok else 1
+
+
+def _cmd_plan(args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    from widesparse.budget import default_S_values, format_plan, parse_budget, shapes_for_budget
+
+    if extra:
+        raise ValueError(f"plan takes no extra options, got {sorted(extra)}")
+    omega = parse_budget(args.omega)
+    S_values = [int(v) for v in str(args.S).split(",")] if args.S else default_S_values(omega, args.gamma)
+    shapes = shapes_for_budget(omega, args.gamma, S_values, round_channels=args.round)
+    print(format_plan(shapes, omega=omega, gamma=args.gamma))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    from widesparse.train import TrainConfig, train
+
+    fields = {
+        "model": args.model, "dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs,
+        "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
+        "out_dir": args.out_dir, "run_name": args.run_name, "device": args.device, "num_threads": args.num_threads,
+    }
+    cfg = TrainConfig(**{k: v for k, v in fields.items() if v is not None}, model_kwargs=extra)
+    if args.no_progress:
+        cfg.progress = False
+    train(cfg)
+    return 0
+
+
+_COMMANDS = {"models": _cmd_models, "describe": _cmd_describe, "plan": _cmd_plan, "train": _cmd_train}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``widesparse`` console script; returns the exit code."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if rest and args.command not in ("describe", "train"):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        extra = parse_model_kwargs(rest)
+        return _COMMANDS[args.command](args, extra)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"widesparse {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

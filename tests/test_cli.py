@@ -1,0 +1,106 @@
+"""The command line: every command, with good and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from widesparse.cli import main, parse_model_kwargs, parse_value
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_parse_values_and_kwargs() -> None:
+    assert parse_value("3") == 3 and parse_value("0.5") == 0.5 and parse_value("True") is True
+    assert parse_value("2,4") == (2, 4) and parse_value("gelu") == "gelu" and parse_value("none") is None
+    assert parse_model_kwargs(["--dim", "64", "--patch-size=2,4", "--act-layer", "relu", "--norm", "false"]) == {
+        "dim": 64, "patch_size": (2, 4), "act_layer": "relu", "norm": False,
+    }
+    with pytest.raises(ValueError, match="unexpected argument"):
+        parse_model_kwargs(["64"])
+
+
+def test_models(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "models")
+    assert code == 0 and {"mixer", "rp_mixer", "s_mixer", "rp_s_mixer", "mixer_b16"} <= set(out.split())
+    code, out, _ = run(capsys, "models", "rp_*")
+    assert code == 0 and all(n.startswith("rp_") for n in out.split())
+    code, _, err = run(capsys, "models", "nothing*")
+    assert code == 1 and "no model matches" in err
+
+
+def test_describe_mixer_b16(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "describe", "mixer_b16")
+    assert code == 0
+    assert "m = S*C = 150,528" in out
+    assert "1/768" in out and "1/196" in out
+    assert "59,880,472" in out
+
+
+def test_describe_check_small_and_too_big(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "describe", "rp_mixer", "--image-size", "8", "--patch-size", "2", "--dim", "6",
+                       "--depth", "2", "--act-layer", "relu", "--check")
+    assert code == 0 and "max abs error" in out and "OK" in out
+    code, _, err = run(capsys, "describe", "mixer_b16", "--check")
+    assert code == 2 and "TiB" in err and "not possible" in err
+
+
+def test_describe_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "describe", "mixr")
+    assert code == 2 and "unknown model 'mixr'" in err and "rp_mixer" in err and "mixer_b16" in err
+    code, _, err = run(capsys, "describe", "mixer", "--image-size", "30", "--patch-size", "4")
+    assert code == 2 and "30" in err and "4" in err and "not divisible" in err
+    code, _, err = run(capsys, "describe", "mixer", "--dimm", "4")
+    assert code == 2 and "dimm" in err
+
+
+def test_plan_marks_the_optimum(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "plan", "--omega", "524288", "--gamma", "2")
+    assert code == 0
+    marked = [line for line in out.splitlines() if "optimum" in line and line.startswith("*")]
+    assert len(marked) == 1
+    assert marked[0].split()[1:5] == ["64", "64", "4096", "8192"]
+    code, out2, _ = run(capsys, "plan", "--omega", "2**19", "--gamma", "2")
+    assert out2 == out
+
+
+def test_plan_explicit_S_and_rounding(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "plan", "--omega", "2^19", "--S", "16,64,128", "--round")
+    assert code == 0
+    rows = [line.split() for line in out.splitlines() if line.lstrip("* ").split(" ")[0] in ("16", "64", "128")]
+    assert len(rows) == 3
+
+
+def test_plan_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "plan", "--omega", "1", "--gamma", "2")
+    assert code == 2 and "too small" in err
+    code, _, err = run(capsys, "plan", "--omega", "lots")
+    assert code == 2 and "lots" in err
+
+
+def test_train_tiny(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, _ = run(capsys, "train", "--model", "rp_mixer", "--dataset", "digits", "--epochs", "1",
+                       "--out-dir", str(tmp_path), "--run-name", "t", "--no-progress", "--dim", "8", "--depth", "1")
+    assert code == 0 and "test accuracy" in out
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert cfg["model"] == "rp_mixer"
+    lines = (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+
+
+def test_train_bad_dataset(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(capsys, "train", "--dataset", "imagenot", "--out-dir", str(tmp_path))
+    assert code == 2 and "digits" in err
+
+
+def test_python_dash_m() -> None:
+    res = subprocess.run([sys.executable, "-m", "widesparse", "models", "mixer_b*"], capture_output=True, text=True)
+    assert res.returncode == 0 and "mixer_b16" in res.stdout

@@ -1,0 +1,27 @@
+"""Repository checks that belong to the test suite: style (ruff) and hygiene."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (pip install -e '.[test]')")
+def test_ruff_clean() -> None:
+    res = subprocess.run(["ruff", "check", "src", "tests"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_readme_opens_with_the_two_commands() -> None:
+    text = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    test_cmd = next(line.split("'")[1] for line in ci.splitlines() if line.startswith("TEST_CMD="))
+    first_blocks = text.split("## ")[0]
+    assert "widesparse train --model mixer --dataset digits" in first_blocks
+    assert test_cmd in first_blocks
+    assert first_blocks.index("pip install torch==2.13.0") < first_blocks.index("pip install -e")
