@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from widesparse.layers import StructuredLinear
-from widesparse.linalg import unvec, vec
+from widesparse.linalg import kron_dense, unvec, vec
 
 __all__ = [
     "WideMLP",
@@ -45,12 +45,12 @@ class ModelTooLargeError(ValueError):
 
 def token_mixing_effective(w: Tensor, C: int) -> Tensor:
     """Dense ``I_C ⊗ W`` (PAPER.md (5)): token mixing ``vec(W X)`` for ``W`` of shape ``(S', S)``. Oracle only."""
-    return torch.kron(torch.eye(C, dtype=w.dtype, device=w.device), w)
+    return kron_dense(torch.eye(C, dtype=w.dtype, device=w.device), w)
 
 
 def channel_mixing_effective(v: Tensor, S: int) -> Tensor:
     """Dense ``V^T ⊗ I_S`` (PAPER.md (6)): channel mixing ``vec(X V)`` for ``V`` of shape ``(C, C')``. Oracle only."""
-    return torch.kron(v.T, torch.eye(S, dtype=v.dtype, device=v.device))
+    return kron_dense(v.T, torch.eye(S, dtype=v.dtype, device=v.device))
 
 
 class WideStep(nn.Module):

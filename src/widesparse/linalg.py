@@ -15,6 +15,9 @@ for tests and analysis.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -100,9 +103,14 @@ def apply_perm(x: Tensor, perm: Tensor | None) -> Tensor:
     return x[..., perm]
 
 
-def random_perm(n: int, seed: int, device: torch.device | str | None = None) -> Tensor:
-    """A uniform random permutation from a dedicated generator (independent of the global RNG)."""
-    g = torch.Generator().manual_seed(int(seed))
+def random_perm(n: int, seed: int | Sequence[int], device: torch.device | str | None = None) -> Tensor:
+    """A uniform random permutation from a dedicated generator (independent of the global RNG).
+
+    ``seed`` may be a sequence of ints (e.g. ``(model_seed, layer, role)``): it is mixed by NumPy's
+    ``SeedSequence``, so nearby seeds give independent streams.
+    """
+    entropy = [int(seed)] if isinstance(seed, int) else [int(s) for s in seed]
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1))
     return torch.randperm(n, generator=g).to(device)
 
 
@@ -113,7 +121,7 @@ def is_identity_perm(perm: Tensor | None) -> bool:
 
 def kron_dense(a: Tensor, b: Tensor) -> Tensor:
     """Dense Kronecker product ``a ⊗ b``. Oracle only."""
-    return torch.kron(a, b)
+    return torch.kron(a.contiguous(), b.contiguous())  # torch.kron rejects some non-contiguous inputs
 
 
 def apply_kron_identity(a: Tensor, x: Tensor, k: int) -> Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -48,7 +49,8 @@ class PermutedKronLinear(StructuredLinear):
         bias: a bias of length ``p`` broadcast over the ``k`` blocks (effective bias ``1_k ⊗ b`` or ``b ⊗ 1_k``).
         blocks: ``"contiguous"`` (``I_k ⊗ A``) or ``"interleaved"`` (``A ⊗ I_k``).
         perm_in, perm_out: ``None``/``"identity"``, ``"random"`` or an index tensor (``(J x)[i] = x[perm[i]]``).
-        seed: seed of the random permutations (``perm_in`` uses ``seed``, ``perm_out`` uses ``seed + 1``).
+        seed: seed of the random permutations (``perm_in`` draws from ``(seed, 0)``, ``perm_out`` from
+            ``(seed, 1)`` through NumPy's ``SeedSequence``: independent streams).
     """
 
     perm_in: Tensor | None
@@ -70,7 +72,7 @@ class PermutedKronLinear(StructuredLinear):
     ) -> None:
         super().__init__()
         for name, v in (("in_block", in_block), ("out_block", out_block), ("k", k)):
-            if int(v) != v or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
                 raise ValueError(f"PermutedKronLinear: {name} must be a positive integer, got {v!r}")
         if blocks not in ("contiguous", "interleaved"):
             raise ValueError(f"blocks must be 'contiguous' or 'interleaved', got {blocks!r}")
@@ -80,8 +82,8 @@ class PermutedKronLinear(StructuredLinear):
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(self.out_block, self.in_block, **factory))
         self.bias = nn.Parameter(torch.empty(self.out_block, **factory)) if bias else None
-        self.register_buffer("perm_in", _make_perm(perm_in, self.in_features, seed, device), persistent=True)
-        self.register_buffer("perm_out", _make_perm(perm_out, self.out_features, seed + 1, device), persistent=True)
+        self.register_buffer("perm_in", _make_perm(perm_in, self.in_features, (seed, 0), device), persistent=True)
+        self.register_buffer("perm_out", _make_perm(perm_out, self.out_features, (seed, 1), device), persistent=True)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -108,6 +110,7 @@ class PermutedKronLinear(StructuredLinear):
         """``(pi_1, pi_2)`` with this layer equal to ``J_2 (I_k ⊗ A) J_1 x`` + bias (PAPER.md (14)).
 
         For interleaved blocks the commutations ``K_{k,q}`` and ``K_{p,k}`` are folded into the permutations.
+        The bias then enters as ``J_2 (1_k ⊗ b)``: ``apply_perm(kron(ones(k), b), pi_2)``.
         """
         if self.blocks == "contiguous":
             return self.perm_in, self.perm_out
@@ -146,14 +149,17 @@ class PermutedKronLinear(StructuredLinear):
         )
 
 
-def _make_perm(spec: PermSpec, n: int, seed: int, device: torch.device | str | None) -> Tensor | None:
+def _make_perm(spec: PermSpec, n: int, seed: tuple[int, int], device: torch.device | str | None) -> Tensor | None:
     if spec is None or (isinstance(spec, str) and spec == "identity"):
         return None
     if isinstance(spec, str):
         if spec != "random":
             raise ValueError(f"unknown permutation {spec!r}; valid: None, 'identity', 'random' or an index tensor")
         return random_perm(n, seed, device)
-    perm = torch.as_tensor(spec, dtype=torch.long, device=device)
+    perm = torch.as_tensor(spec, device=device)
+    if perm.is_floating_point() or perm.is_complex() or perm.dtype == torch.bool:
+        raise ValueError(f"permutation must be an integer index tensor, got dtype {perm.dtype}")
+    perm = perm.to(torch.long).clone()  # never alias the caller's tensor
     if perm.shape != (n,) or not torch.equal(torch.sort(perm).values, torch.arange(n, device=perm.device)):
         raise ValueError(f"permutation must be a rearrangement of arange({n}), got shape {tuple(perm.shape)}")
     return perm

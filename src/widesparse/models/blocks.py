@@ -138,11 +138,11 @@ class MixingMlp(nn.Module):
                 raise ValueError(f"{axis} hidden width must be a positive integer, got {hidden!r}")
             self.fc1 = PermutedKronLinear(n, int(hidden), k, perm_in=perm, seed=seed, **kw)
             self.act = act_layer()
-            self.fc2 = PermutedKronLinear(int(hidden), n, k, perm_out=perm, seed=seed + 2, **kw)
+            self.fc2 = PermutedKronLinear(int(hidden), n, k, perm_out=perm, seed=seed, **kw)
         self.register_buffer("idx_in", None, persistent=False)
         self.register_buffer("idx_out", None, persistent=False)
         self.refresh_gather_indices()
-        self.register_load_state_dict_post_hook(lambda module, _incompatible: module.refresh_gather_indices())
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @property
     def layers(self) -> list[PermutedKronLinear]:
@@ -173,6 +173,10 @@ class MixingMlp(nn.Module):
         if self.idx_out is not None:
             return h.reshape(B, S * C)[:, self.idx_out].view(B, S, C)
         return h.transpose(1, 2) if self.axis == "token" else h
+
+
+def _refresh_after_load(module: MixingMlp, _incompatible: object) -> None:
+    module.refresh_gather_indices()
 
 
 class MixerBlock(nn.Module):
