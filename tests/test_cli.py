@@ -91,7 +91,7 @@ def test_train_tiny(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
                        "--out-dir", str(tmp_path), "--run-name", "t", "--no-progress", "--dim", "8", "--depth", "1")
     assert code == 0 and "test accuracy" in out
     cfg = json.loads((tmp_path / "t" / "config.json").read_text())
-    assert cfg["model"] == "rp_mixer"
+    assert cfg["config"]["model"] == "rp_mixer" and cfg["model_kwargs"]["dim"] == 8
     lines = (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1
 
