@@ -104,3 +104,24 @@ def test_train_bad_dataset(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
 def test_python_dash_m() -> None:
     res = subprocess.run([sys.executable, "-m", "widesparse", "models", "mixer_b*"], capture_output=True, text=True)
     assert res.returncode == 0 and "mixer_b16" in res.stdout
+
+
+def test_train_from_config_file_with_cli_override(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'model = "s_mixer"\nepochs = 3\nout_dir = "{tmp_path}"\nrun_name = "c"\n'
+                   '[model_kwargs]\ndim = 8\ndepth = 1\n')
+    code, out, _ = run(capsys, "train", "--config", str(cfg), "--epochs", "1", "--no-progress")
+    assert code == 0
+    saved = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert saved["config"]["model"] == "s_mixer" and saved["config"]["epochs"] == 1
+    assert saved["model_kwargs"]["dim"] == 8
+    code, _, err = run(capsys, "train", "--config", str(tmp_path / "missing.toml"))
+    assert code == 2 and "missing.toml" in err
+
+
+def test_train_options_come_from_the_config_dataclass(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for opt in ("--epochs", "--batch-size", "--lr", "--weight-decay", "--label-smoothing", "--seed", "--data-dir"):
+        assert opt in out

@@ -76,21 +76,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--S", dest="S", default=None, help="token counts, e.g. 4,8,16 (default: powers of two)")
     s.add_argument("--round", action="store_true", help="round C to integers and report the realised budget")
 
-    s = sub.add_parser("train", help="train a model on a data set (first loop; digits is embedded)")
-    s.add_argument("--model", default="mixer")
-    s.add_argument("--dataset", default="digits")
-    s.add_argument("--data-dir", default=None)
-    s.add_argument("--epochs", type=int, default=None)
-    s.add_argument("--batch-size", type=int, default=None)
-    s.add_argument("--lr", type=float, default=None)
-    s.add_argument("--weight-decay", type=float, default=None)
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--out-dir", default=None)
-    s.add_argument("--run-name", default=None)
-    s.add_argument("--device", default=None)
-    s.add_argument("--num-threads", type=int, default=None)
+    s = sub.add_parser("train", help="train a model on a data set (digits is embedded)")
+    _add_config_options(s)
+    s.add_argument("--config", dest="config_file", default=None, help="YAML/TOML/JSON file of TrainConfig fields")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _caster(type_name: str) -> Any:
+    """argparse ``type`` for a dataclass field annotation such as ``"int | None"``."""
+    for name, cast in (("bool", _parse_bool), ("int", int), ("float", float)):
+        if name in str(type_name).replace("None", "").split(" | ") or str(type_name).startswith(name):
+            return cast
+    return str
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One ``--key value`` option per field of :class:`widesparse.train.TrainConfig` (defaults stay the config's)."""
+    import dataclasses
+
+    from widesparse.train import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model_kwargs":
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else "(computed)"
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, type=_caster(f.type),
+                            metavar=f.name.upper(), help=f"TrainConfig.{f.name} (default: {default})")
 
 
 def _cmd_models(args: argparse.Namespace, extra: dict[str, Any]) -> int:
@@ -153,17 +174,21 @@ def _cmd_plan(args: argparse.Namespace, extra: dict[str, Any]) -> int:
 
 
 def _cmd_train(args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    import dataclasses
+
     from widesparse.train import TrainConfig, train
 
-    fields = {
-        "model": args.model, "dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs,
-        "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
-        "out_dir": args.out_dir, "run_name": args.run_name, "device": args.device, "num_threads": args.num_threads,
-    }
-    cfg = TrainConfig(**{k: v for k, v in fields.items() if v is not None}, model_kwargs=extra)
+    values: dict[str, Any] = {}
+    if args.config_file:
+        values.update(TrainConfig.from_file(args.config_file).to_dict())
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    values["model_kwargs"] = {**values.get("model_kwargs", {}), **extra}
     if args.no_progress:
-        cfg.progress = False
-    train(cfg)
+        values["progress"] = False
+    train(TrainConfig.from_dict(values))
     return 0
 
 

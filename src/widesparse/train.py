@@ -72,6 +72,31 @@ class TrainConfig:
             raise TypeError(f"unknown TrainConfig fields: {', '.join(unknown)}")
         return cls(**d)
 
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> TrainConfig:
+        """A config from a ``.json``, ``.toml`` or ``.yaml``/``.yml`` file of TrainConfig fields."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        text = path.read_text()
+        if path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError as e:
+                raise ValueError(f"reading {path} needs PyYAML (pip install pyyaml), or use .toml/.json") from e
+            data = yaml.safe_load(text)
+        else:
+            raise ValueError(f"config file {path}: unknown format {path.suffix!r}; use .json, .toml or .yaml")
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping of TrainConfig fields")
+        return cls.from_dict(data.get("config", data))  # a run folder's config.json nests it under "config"
+
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.warmup_epochs < 0:
             raise ValueError(
