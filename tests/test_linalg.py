@@ -521,3 +521,18 @@ def test_vec_to_rowmajor(rows, cols, seed):
     assert torch.equal(full[vec_positions(rows, cols)], torch.arange(rows * cols))
     for i in range(rows * cols):
         assert int(full[i]) == (i % rows) * cols + i // rows
+
+
+def test_permute_last_matches_indexing_with_gradients():
+    from widesparse.linalg import permute_last
+
+    g = torch.Generator().manual_seed(3)
+    perm = torch.randperm(12, generator=g)
+    x = torch.randn(4, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, 12, dtype=torch.float64, generator=g)
+    y = permute_last(x, perm)
+    assert torch.equal(y, x[..., perm])
+    (gx,) = torch.autograd.grad((y * w).sum(), x)
+    (ref,) = torch.autograd.grad((x[..., perm] * w).sum(), x)
+    assert torch.equal(gx, ref)
+    assert torch.autograd.gradcheck(lambda t: permute_last(t, perm), (x,))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from widesparse.layers import PermutedKronLinear
-from widesparse.linalg import vec_positions, vec_to_rowmajor
+from widesparse.linalg import invert_perm, permute_last, vec_positions, vec_to_rowmajor
 
 __all__ = ["PatchEmbed", "DropPath", "MixingMlp", "MixerBlock", "resolve_act_layer", "ACT_LAYERS", "to_2tuple"]
 
@@ -106,6 +106,8 @@ class MixingMlp(nn.Module):
 
     idx_in: Tensor | None
     idx_out: Tensor | None
+    inv_in: Tensor | None
+    inv_out: Tensor | None
 
     def __init__(
         self,
@@ -139,8 +141,8 @@ class MixingMlp(nn.Module):
             self.fc1 = PermutedKronLinear(n, int(hidden), k, perm_in=perm, seed=seed, **kw)
             self.act = act_layer()
             self.fc2 = PermutedKronLinear(int(hidden), n, k, perm_out=perm, seed=seed, **kw)
-        self.register_buffer("idx_in", None, persistent=False)
-        self.register_buffer("idx_out", None, persistent=False)
+        for name in ("idx_in", "idx_out", "inv_in", "inv_out"):
+            self.register_buffer(name, None, persistent=False)
         self.refresh_gather_indices()
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
@@ -160,18 +162,23 @@ class MixingMlp(nn.Module):
         else:  # hidden layout (B, S, C): flat position is row-major
             self.idx_in = None if p_in is None else vec_to_rowmajor(p_in[vp], S, C)
             self.idx_out = None if p_out is None else vec_to_rowmajor(p_out[vp], S, C)
+        self.inv_in = None if self.idx_in is None else invert_perm(self.idx_in)
+        self.inv_out = None if self.idx_out is None else invert_perm(self.idx_out)
+
+    def _gather_in(self, x: Tensor) -> Tensor:
+        return permute_last(x.reshape(x.shape[0], -1), self.idx_in, self.inv_in)
 
     def forward(self, x: Tensor) -> Tensor:
         B, S, C = x.shape
         if self.axis == "token":
-            h = x.transpose(1, 2) if self.idx_in is None else x.reshape(B, S * C)[:, self.idx_in].view(B, C, S)
+            h = x.transpose(1, 2) if self.idx_in is None else self._gather_in(x).view(B, C, S)
         else:
-            h = x if self.idx_in is None else x.reshape(B, S * C)[:, self.idx_in].view(B, S, C)
+            h = x if self.idx_in is None else self._gather_in(x).view(B, S, C)
         h = F.linear(h, self.fc1.weight, self.fc1.bias)
         if self.fc2 is not None:
             h = F.linear(self.act(h), self.fc2.weight, self.fc2.bias)
         if self.idx_out is not None:
-            return h.reshape(B, S * C)[:, self.idx_out].view(B, S, C)
+            return permute_last(h.reshape(B, S * C), self.idx_out, self.inv_out).view(B, S, C)
         return h.transpose(1, 2) if self.axis == "token" else h
 
 

@@ -1,0 +1,180 @@
+"""Mixer training-step throughput: widesparse Mixer / RP-Mixer vs lucidrains' mlp-mixer-pytorch (and timm).
+
+Workload (issue 13): 32x32x3 images, patch 4 (S = 64), C = 128, depth 8, token hidden 64, channel hidden 512,
+10 classes, batch 128, forward + backward + AdamW step. Every model has exactly 1,132,170 parameters; the
+script asserts it before timing. Steps of the models are interleaved and the best of ``--reps`` is kept, so
+background load hits every model alike. MFU is reported against the matmul peak measured in the same run.
+
+    python benchmarks/bench_mixer.py [--quick] [--precision fp32,bf16] [--timm-python PATH]
+
+``--timm-python`` points at the interpreter of a separate environment with timm (timm needs torchvision, which
+does not import beside the CPU torch wheel): ``pip install torch==2.14.1 torchvision==0.29.1 timm``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORKLOAD = {"image_size": 32, "patch_size": 4, "in_chans": 3, "dim": 128, "depth": 8, "token_hidden": 64,
+            "channel_hidden": 512, "num_classes": 10, "batch": 128}
+PARAMS = 1_132_170
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """Best GFLOP/s of an n x n x n matmul in ``dtype`` on this machine."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def step_flops(w: dict = WORKLOAD) -> float:
+    """Matmul FLOPs of one training step (forward x 3 for forward + backward)."""
+    S = (w["image_size"] // w["patch_size"]) ** 2
+    C, B = w["dim"], w["batch"]
+    patch = w["patch_size"] ** 2 * w["in_chans"]
+    fwd = 2 * S * patch * C  # stem
+    fwd += w["depth"] * (2 * 2 * C * S * w["token_hidden"] + 2 * 2 * S * C * w["channel_hidden"])
+    fwd += 2 * C * w["num_classes"]
+    return 3 * fwd * B
+
+
+def build_models(names: list[str]) -> dict[str, nn.Module]:
+    from widesparse.models import create_model
+
+    w = {k: v for k, v in WORKLOAD.items() if k != "batch"}
+    models: dict[str, nn.Module] = {}
+    for name in names:
+        if name in ("widesparse_mixer", "widesparse_rp_mixer"):
+            models[name] = create_model(name.removeprefix("widesparse_"), **w)
+        elif name == "lucidrains":
+            from mlp_mixer_pytorch import MLPMixer
+
+            # lucidrains sizes both hidden widths from dim: token = 0.5 C = 64, channel = 4 C = 512
+            models[name] = MLPMixer(image_size=32, channels=3, patch_size=4, dim=128, depth=8, num_classes=10,
+                                    expansion_factor=0.5, expansion_factor_token=4)
+        else:
+            raise ValueError(f"unknown model {name!r}")
+        n = sum(p.numel() for p in models[name].parameters())
+        if n != PARAMS:
+            raise AssertionError(f"{name} has {n:,} parameters, expected {PARAMS:,}: configurations differ")
+    return models
+
+
+def time_steps(models: dict[str, nn.Module], precision: str, reps: int, warmup: int = 2) -> dict[str, float]:
+    """Best seconds per training step of each model, steps interleaved across models."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(WORKLOAD["batch"], 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (WORKLOAD["batch"],), generator=g)
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-3) for n, m in models.items()}
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+    best = {n: float("inf") for n in models}
+    for i in range(warmup + reps):
+        for n, m in models.items():
+            t = time.perf_counter()
+            with ctx():
+                loss = nn.functional.cross_entropy(m(x), y)
+            opts[n].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[n].step()
+            dt = time.perf_counter() - t
+            if i >= warmup:
+                best[n] = min(best[n], dt)
+    return best
+
+
+def timm_steps(python: str, precision: str, reps: int) -> float | None:
+    """Best step time of timm's MlpMixer with the same widths, run in another interpreter (or None)."""
+    code = f"""
+import time, torch, timm
+from torch import nn
+from contextlib import nullcontext
+torch.set_num_threads({torch.get_num_threads()})
+m = timm.models.mlp_mixer.MlpMixer(num_classes=10, img_size=32, in_chans=3, patch_size=4, num_blocks=8,
+                                   embed_dim=128, mlp_ratio=(0.5, 4.0))
+assert sum(p.numel() for p in m.parameters()) == {PARAMS}, sum(p.numel() for p in m.parameters())
+g = torch.Generator().manual_seed(0)
+x = torch.randn(128, 3, 32, 32, generator=g); y = torch.randint(0, 10, (128,), generator=g)
+opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if "{precision}" == "bf16" else nullcontext
+best = 1e9
+for i in range({reps} + 2):
+    t = time.perf_counter()
+    with ctx():
+        loss = nn.functional.cross_entropy(m(x), y)
+    opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    if i >= 2: best = min(best, time.perf_counter() - t)
+print(best)
+"""
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True, timeout=1800)
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"timm run failed: {e}", file=sys.stderr)
+        return None
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--precision", default="fp32,bf16")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timm-python", default=None)
+    ap.add_argument("--out", default=str(RESULTS / "mixer.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    reps = 2 if args.quick else args.reps
+    names = ["widesparse_mixer", "widesparse_rp_mixer"]
+    try:
+        import mlp_mixer_pytorch  # noqa: F401
+
+        names.append("lucidrains")
+    except ImportError:
+        print("mlp-mixer-pytorch not installed (pip install -e '.[bench]'): lucidrains skipped", file=sys.stderr)
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    flops = step_flops()
+    result: dict = {"workload": WORKLOAD, "params": PARAMS, "step_gflop": flops / 1e9, "threads": args.threads,
+                    "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+                    "matmul_peak_gflops": peaks, "runs": {}}
+    for prec in args.precision.split(","):
+        torch.manual_seed(0)
+        best = time_steps(build_models(names), prec, reps)
+        if args.timm_python:
+            t = timm_steps(args.timm_python, prec, reps)
+            if t is not None:
+                best["timm"] = t
+        runs = {n: {"step_s": t, "images_per_s": WORKLOAD["batch"] / t, "mfu": flops / t / 1e9 / peaks[prec]}
+                for n, t in best.items()}
+        ours = best["widesparse_mixer"]
+        for r in runs.values():
+            r["our_speedup_vs_this"] = r["step_s"] / ours
+        result["runs"][prec] = runs
+        print(f"\n{prec}: peak {peaks[prec]:.0f} GFLOP/s, step {flops / 1e9:.1f} GFLOP")
+        print(f"{'model':<22} {'ms/step':>9} {'img/s':>8} {'MFU':>6} {'ours faster by':>15}")
+        for n, r in runs.items():
+            print(f"{n:<22} {1e3 * r['step_s']:>9.1f} {r['images_per_s']:>8.0f} {r['mfu']:>6.1%} "
+                  f"{r['our_speedup_vs_this']:>14.2f}x")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
