@@ -21,8 +21,14 @@ SMALL: dict[str, Any] = {
 HIDDEN: dict[str, Any] = {"token_hidden": 3, "channel_hidden": 7}
 
 
+# models on raw pixels (the image itself is X in R^{H x W*in_chans}): no patch size, no dim
+PIXEL_MLPS = {"monarch_mlp", "kron_mlp"}
+
+
 def small_kwargs(name: str, **extra: Any) -> dict[str, Any]:
     """Keyword arguments that shrink any registered model to a test size."""
+    if name in PIXEL_MLPS:
+        return {"image_size": 8, "in_chans": 2, "depth": 2, "num_classes": 4, **extra}
     kw = dict(SMALL)
     if "s_mixer" not in name:
         kw.update(HIDDEN)

@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from conftest import make_small, small_kwargs
+from conftest import PIXEL_MLPS, make_small, small_kwargs
 
 from widesparse.models import create_model, list_models, model_defaults
 
@@ -31,8 +31,8 @@ def test_forward_no_nan_and_shapes(model_name: str) -> None:
     assert out.shape == (3, 4)
     assert torch.isfinite(out).all()
     feats = model.forward_features(_x())
-    assert feats.shape == (3, 8, 5)
-    assert model.forward_head(feats, pre_logits=True).shape == (3, 5)
+    assert feats.shape == (3, model.num_tokens, model.dim)
+    assert model.forward_head(feats, pre_logits=True).shape == (3, model.num_features)
 
 
 def test_every_parameter_gets_a_gradient(model_name: str) -> None:
@@ -130,14 +130,14 @@ def test_rp_random_differs_from_mixer_on_same_weights() -> None:
 def test_forward_intermediates(model_name: str) -> None:
     model = make_small(model_name).eval()
     final, feats = model.forward_intermediates(_x())
-    assert len(feats) == len(model.feature_names()) == 4
+    assert len(feats) == len(model.feature_names()) == (2 if model_name in PIXEL_MLPS else 4)
     torch.testing.assert_close(final, model.forward_features(_x()))
     # the last intermediate is the residual stream before the final norm
     torch.testing.assert_close(model.norm(feats[-1]), final)
     last2 = model.forward_intermediates(_x(), indices=2, intermediates_only=True)
     assert len(last2) == 2 and torch.equal(last2[1], feats[-1])
     vecs = model.forward_intermediates(_x(), indices=[0], output_fmt="vec", intermediates_only=True, stop_early=True)
-    assert vecs[0].shape == (3, 8 * 5)
+    assert vecs[0].shape == (3, model.num_tokens * model.dim)
     torch.testing.assert_close(vecs[0], feats[0].transpose(1, 2).reshape(3, -1))
     with pytest.raises(ValueError, match="out of range"):
         model.forward_intermediates(_x(), indices=[7])

@@ -2,5 +2,6 @@
 
 from widesparse.layers.base import StructuredLinear
 from widesparse.layers.kron import PermutedKronLinear
+from widesparse.layers.monarch import MonarchLinear, TiedMonarchLinear
 
-__all__ = ["StructuredLinear", "PermutedKronLinear"]
+__all__ = ["StructuredLinear", "PermutedKronLinear", "MonarchLinear", "TiedMonarchLinear"]

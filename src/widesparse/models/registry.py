@@ -60,3 +60,4 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 def _ensure_loaded() -> None:
     # importing the model files runs their @register_model decorators
     import widesparse.models.mixer  # noqa: F401
+    import widesparse.models.monarch_mlp  # noqa: F401
