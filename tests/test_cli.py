@@ -125,3 +125,16 @@ def test_train_options_come_from_the_config_dataclass(capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     for opt in ("--epochs", "--batch-size", "--lr", "--weight-decay", "--label-smoothing", "--seed", "--data-dir"):
         assert opt in out
+
+
+def test_spectra_of_a_name_and_of_a_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, _ = run(capsys, "spectra", "mixer", "--image-size", "8", "--patch-size", "2", "--dim", "16",
+                       "--depth", "1")
+    assert code == 0 and "mlp_tokens.fc1" in out and "mlp_channels.fc2" in out
+    code, _, _ = run(capsys, "train", "--model", "sw_mlp", "--epochs", "1", "--out-dir", str(tmp_path),
+                     "--run-name", "sw", "--no-progress", "--dim", "8", "--depth", "1")
+    assert code == 0
+    code, out, _ = run(capsys, "spectra", str(tmp_path / "sw"))
+    assert code == 0 and "fc1" in out
+    code, _, err = run(capsys, "spectra", "mixr")
+    assert code == 2 and "unknown model" in err

@@ -3,9 +3,10 @@
     widesparse models [PATTERN]
     widesparse describe NAME [--check] [--all] [--KWARG VALUE ...]
     widesparse plan --omega 2**19 --gamma 2 [--S 4,8,16] [--round]
+    widesparse spectra NAME-or-RUN_DIR [--method auto] [--KWARG VALUE ...]
     widesparse train --model NAME --dataset digits [--epochs N ...] [--KWARG VALUE ...]
 
-Unknown ``--key value`` options of ``describe`` and ``train`` are model keyword arguments (``--dim 64``,
+Unknown ``--key value`` options of ``describe``, ``spectra`` and ``train`` are model keyword arguments (``--dim 64``,
 ``--patch-size 2,4``, ``--act-layer relu``).
 """
 
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gamma", type=float, default=2.0, help="expansion factor (default 2)")
     s.add_argument("--S", dest="S", default=None, help="token counts, e.g. 4,8,16 (default: powers of two)")
     s.add_argument("--round", action="store_true", help="round C to integers and report the realised budget")
+
+    s = sub.add_parser("spectra", help="largest singular value of every mixing weight vs Marchenko-Pastur")
+    s.add_argument("target", help="registered model name, or a run folder of `widesparse train`")
+    s.add_argument("--method", default="auto", choices=["auto", "lanczos", "power", "dense"])
 
     s = sub.add_parser("train", help="train a model on a data set (digits is embedded)")
     _add_config_options(s)
@@ -192,7 +197,36 @@ def _cmd_train(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     return 0
 
 
-_COMMANDS = {"models": _cmd_models, "describe": _cmd_describe, "plan": _cmd_plan, "train": _cmd_train}
+def _cmd_spectra(args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from widesparse.models import create_model
+    from widesparse.spectra import format_spectra, spectra_table
+
+    if Path(args.target).is_dir():
+        from widesparse.train import load_run
+
+        trained, saved = load_run(args.target)
+        info = saved["dataset"]
+        torch.manual_seed(saved["config"]["seed"])  # the train loop seeds before building: the same init weights
+        kwargs = {"num_classes": info["num_classes"], "image_size": info["image_size"], "in_chans": info["in_chans"]}
+        init = create_model(saved["config"]["model"], **{**kwargs, **saved["model_kwargs"]})
+        rows = spectra_table(trained, reference=init, method=args.method)
+    else:
+        rows = spectra_table(create_model(args.target, **extra), method=args.method)
+    print(format_spectra(rows, title=args.target))
+    return 0
+
+
+_COMMANDS = {
+    "models": _cmd_models,
+    "describe": _cmd_describe,
+    "plan": _cmd_plan,
+    "spectra": _cmd_spectra,
+    "train": _cmd_train,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -200,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        if rest and args.command not in ("describe", "train"):
+        if rest and args.command not in ("describe", "train", "spectra"):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         extra = parse_model_kwargs(rest)
         return _COMMANDS[args.command](args, extra)

@@ -9,7 +9,7 @@ row-major storage (PAPER.md §4.3).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -19,7 +19,17 @@ from torch import Tensor, nn
 from widesparse.layers import PermutedKronLinear
 from widesparse.linalg import invert_perm, permute_last, vec_positions, vec_to_rowmajor
 
-__all__ = ["PatchEmbed", "DropPath", "MixingMlp", "MixerBlock", "resolve_act_layer", "ACT_LAYERS", "to_2tuple"]
+__all__ = [
+    "PatchEmbed",
+    "DropPath",
+    "MixingMlp",
+    "MixerBlock",
+    "resolve_act_layer",
+    "ACT_LAYERS",
+    "to_2tuple",
+    "drop_path_rates",
+    "resolve_indices",
+]
 
 ACT_LAYERS: dict[str, type[nn.Module]] = {
     "gelu": nn.GELU,
@@ -245,3 +255,30 @@ def lecun_normal_(t: Tensor) -> Tensor:
     std = (1.0 / fan_in) ** 0.5 / 0.87962566103423978
     with torch.no_grad():
         return nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std)
+
+
+def drop_path_rates(rate: float, depth: int, schedule: str) -> list[float]:
+    """Per-block stochastic-depth rates: ``linear`` (``rate * i / (depth - 1)``) or ``uniform``."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
+    if schedule == "uniform":
+        return [rate] * depth
+    if schedule != "linear":
+        raise ValueError(f"drop_path_schedule must be 'linear' or 'uniform', got {schedule!r}")
+    return [rate * i / max(depth - 1, 1) for i in range(depth)]
+
+
+def resolve_indices(indices: int | Sequence[int] | None, n: int) -> list[int]:
+    """Sorted sublayer indices from ``None`` (all), an int (the last n) or a list (negative allowed)."""
+    if indices is None:
+        return list(range(n))
+    if isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise ValueError(f"indices={indices}: ask for between 1 and {n} final sublayers")
+        return list(range(n - indices, n))
+    out = []
+    for i in indices:
+        if not -n <= i < n:
+            raise ValueError(f"sublayer index {i} out of range for {n} mixing sublayers")
+        out.append(i % n)
+    return sorted(set(out))

@@ -39,7 +39,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from widesparse.layers import PermutedKronLinear
-from widesparse.models.blocks import MixerBlock, PatchEmbed, lecun_normal_, resolve_act_layer
+from widesparse.models.blocks import (
+    MixerBlock,
+    PatchEmbed,
+    drop_path_rates,
+    lecun_normal_,
+    resolve_act_layer,
+    resolve_indices,
+)
 from widesparse.models.registry import register_model
 
 __all__ = ["MlpMixer"]
@@ -98,7 +105,7 @@ class MlpMixer(nn.Module):
             )
         act = resolve_act_layer(act_layer)
         norm_layer = partial(nn.LayerNorm, eps=ln_eps) if norm else None
-        rates = _drop_path_rates(drop_path_rate, depth, drop_path_schedule)
+        rates = drop_path_rates(drop_path_rate, depth, drop_path_schedule)
         self.blocks = nn.Sequential(
             *[
                 MixerBlock(
@@ -197,7 +204,7 @@ class MlpMixer(nn.Module):
             intermediates_only: return only the list.
         """
         n = 2 * len(self.blocks)
-        take = _resolve_indices(indices, n)
+        take = resolve_indices(indices, n)
         if output_fmt not in ("NLC", "vec"):
             raise ValueError(f"output_fmt must be 'NLC' or 'vec', got {output_fmt!r}")
         feats: list[Tensor] = []
@@ -223,35 +230,10 @@ def _width(expansion: float, n: int, what: str) -> int:
     return w
 
 
-def _drop_path_rates(rate: float, depth: int, schedule: str) -> list[float]:
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
-    if schedule == "uniform":
-        return [rate] * depth
-    if schedule != "linear":
-        raise ValueError(f"drop_path_schedule must be 'linear' or 'uniform', got {schedule!r}")
-    return [rate * i / max(depth - 1, 1) for i in range(depth)]
-
-
 def _layer_seeds(seed: int, block: int) -> tuple[int, int]:
     """Independent permutation seeds per (model seed, block, axis), apart from the weight-init RNG."""
     a, b = np.random.SeedSequence([int(seed), int(block)]).generate_state(2)
     return int(a) >> 2, int(b) >> 2
-
-
-def _resolve_indices(indices: int | Sequence[int] | None, n: int) -> list[int]:
-    if indices is None:
-        return list(range(n))
-    if isinstance(indices, int):
-        if not 0 < indices <= n:
-            raise ValueError(f"indices={indices}: ask for between 1 and {n} final sublayers")
-        return list(range(n - indices, n))
-    out = []
-    for i in indices:
-        if not -n <= i < n:
-            raise ValueError(f"sublayer index {i} out of range for {n} mixing sublayers")
-        out.append(i % n)
-    return sorted(set(out))
 
 
 # ------------------------------------------------------------------------------------------------ registry

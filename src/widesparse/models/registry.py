@@ -61,3 +61,4 @@ def _ensure_loaded() -> None:
     # importing the model files runs their @register_model decorators
     import widesparse.models.mixer  # noqa: F401
     import widesparse.models.monarch_mlp  # noqa: F401
+    import widesparse.models.sw_mlp  # noqa: F401
