@@ -1,18 +1,23 @@
-"""Tests of widesparse.data: the embedded digits set, the defaults table and the batch iterator."""
+"""Tests of widesparse.data: every data set by name (embedded digits; the others from small files written here in
+their real formats and layouts), the defaults table, clear errors, and the batch iterator."""
 
 import numpy as np
 import pytest
 import torch
+from fake_datasets import make_dataset, write_idx
 
 from widesparse.data import (
     DATASETS,
     DatasetInfo,
     Split,
+    download_dataset,
     get_dataset_info,
     iterate_batches,
     list_datasets,
     load_dataset,
+    load_pixels,
 )
+from widesparse.readers import DataFormatError
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +154,124 @@ def test_iterate_batches_validates():
         list(iterate_batches(torch.zeros(3, 1), torch.zeros(4), 2))
     with pytest.raises(ValueError, match="batch_size"):
         list(iterate_batches(torch.zeros(3, 1), torch.zeros(3), 0))
+
+
+# ------------------------------------------------------------------------------------------- from disk
+DISK_SETS = ["mnist", "fashion_mnist", "cifar10", "cifar100", "stl10", "svhn", "imagefolder"]
+
+
+@pytest.mark.parametrize("name", DISK_SETS)
+def test_disk_sets_load_exactly_what_was_written(tmp_path, name):
+    written = make_dataset(name, tmp_path, n_train=12, n_test=6)
+    train, test, info = load_pixels(name, data_dir=tmp_path, image_size=8 if name == "imagefolder" else None)
+    assert train.x.dtype == torch.uint8 and train.y.dtype == torch.int64
+    assert train.x.shape == (12, info.in_chans, info.image_size, info.image_size)
+    assert np.array_equal(train.x.numpy(), written["x_train"]) and np.array_equal(train.y.numpy(), written["y_train"])
+    assert np.array_equal(test.x.numpy(), written["x_test"]) and np.array_equal(test.y.numpy(), written["y_test"])
+    # load_dataset is load_pixels normalised with the table's statistics.
+    ftrain, _, _ = load_dataset(name, data_dir=tmp_path, image_size=8 if name == "imagefolder" else None,
+                                dtype=torch.float64)
+    mean = torch.tensor(info.mean, dtype=torch.float64).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, dtype=torch.float64).view(1, -1, 1, 1)
+    assert torch.allclose(ftrain.x, (train.x.double() / info.pixel_max - mean) / std, atol=1e-12)
+
+
+def test_imagefolder_info_comes_from_the_folders(tmp_path):
+    make_dataset("imagefolder", tmp_path, n_train=6, n_test=3)
+    _, _, info = load_pixels("imagefolder", data_dir=tmp_path, image_size=8)
+    assert (info.num_classes, info.image_size, info.default_patch_size) == (3, 8, 8)
+    _, _, info = load_pixels("imagefolder", data_dir=tmp_path, image_size=12)
+    assert (info.image_size, info.default_patch_size) == (12, 12)
+    assert get_dataset_info("imagefolder").num_classes == 1000  # the shared table is untouched
+    with pytest.raises(ValueError, match="image_size must be >= 1"):
+        load_pixels("imagefolder", data_dir=tmp_path, image_size=0)
+
+
+def test_table_defaults():
+    for info in DATASETS.values():
+        assert info.image_size % info.default_patch_size == 0
+        assert len(info.mean) == len(info.std) == info.in_chans and all(s > 0 for s in info.std)
+        assert info.to_dict()["files"] == list(info.files)
+        assert bool(info.files) == (info.name != "digits") and (info.source != "") == bool(info.files)
+    sizes = {n: (DATASETS[n].image_size, DATASETS[n].default_patch_size) for n in ("mnist", "cifar10", "stl10")}
+    assert sizes == {"mnist": (28, 4), "cifar10": (32, 4), "stl10": (96, 12)}
+    assert (DATASETS["imagefolder"].image_size, DATASETS["imagefolder"].default_patch_size) == (224, 16)
+    # Augmentation defaults: none on digit images, crop + flip on natural images, no flip on house numbers.
+    assert [(DATASETS[n].crop_padding, DATASETS[n].hflip) for n in ("digits", "mnist", "cifar10", "stl10", "svhn")] == [
+        (0, False), (0, False), (4, True), (12, True), (4, False)]
+    assert DATASETS["digits"].pixel_max == 16 and DATASETS["cifar100"].num_classes == 100
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "cifar100", "stl10", "svhn"])
+def test_missing_files_say_what_is_expected_and_where_to_get_it(tmp_path, name):
+    with pytest.raises(FileNotFoundError) as err:
+        load_pixels(name, data_dir=tmp_path)
+    msg = str(err.value)
+    info = get_dataset_info(name)
+    assert "not found" in msg and str(tmp_path) in msg
+    assert all(f in msg for f in info.files) and info.source in msg and "download" in msg
+
+
+def test_missing_data_dir_and_imagefolder_layout(tmp_path):
+    with pytest.raises(ValueError, match=r"read from disk: pass data_dir \(--data-dir DIR\).*train-images-idx3"):
+        load_pixels("mnist")
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        load_pixels("cifar10", data_dir=tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="train not found: expected a folder of class sub-folders"):
+        load_pixels("imagefolder", data_dir=tmp_path)
+
+
+def test_one_corrupt_file_is_named(tmp_path):
+    make_dataset("cifar10", tmp_path, n_train=10, n_test=4)
+    bad = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    bad.write_bytes(bad.read_bytes()[:50])
+    with pytest.raises(DataFormatError, match="data_batch_3: cannot unpickle"):
+        load_pixels("cifar10", data_dir=tmp_path)
+    make_dataset("mnist", tmp_path, n_train=10, n_test=4)
+    raw = tmp_path / "MNIST" / "raw"
+    write_idx(raw / "t10k-labels-idx1-ubyte.gz", np.array([1, 2, 3, 11], dtype=np.uint8), gz=True)
+    with pytest.raises(DataFormatError, match=r"mnist test labels: values 1..11 outside 0..9"):
+        load_pixels("mnist", data_dir=tmp_path)
+
+
+def test_image_size_only_for_imagefolder(tmp_path):
+    with pytest.raises(ValueError, match=r"digits images are 8x8; image_size=16 is not supported"):
+        load_pixels("digits", image_size=16)
+    assert load_pixels("digits", image_size=8)[2].image_size == 8
+
+
+def test_download_needs_torchvision_or_says_how(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails, as in this environment
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
+    with pytest.raises(ImportError, match=r"download needs an importable torchvision.*cs.toronto.edu"):
+        load_pixels("cifar10", data_dir=tmp_path, download=True)
+    with pytest.raises(ValueError, match="imagefolder cannot be downloaded; data sets with a downloader: cifar10"):
+        download_dataset("imagefolder", tmp_path)
+    with pytest.raises(ValueError, match="needs data_dir"):
+        download_dataset("mnist", None)
+
+
+def test_download_calls_torchvision_per_split(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    class Fake:
+        def __init__(self, root, download, **kw):
+            calls.append((type(self).__name__, root, kw, download))
+
+    fake = types.ModuleType("torchvision.datasets")
+    fake.MNIST = type("MNIST", (Fake,), {})
+    fake.STL10 = type("STL10", (Fake,), {})
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", fake)
+    download_dataset("mnist", tmp_path / "d")
+    download_dataset("stl10", tmp_path / "d")
+    d = str(tmp_path / "d")
+    assert calls == [
+        ("MNIST", d, {"train": True}, True), ("MNIST", d, {"train": False}, True),
+        ("STL10", d, {"split": "train"}, True), ("STL10", d, {"split": "test"}, True),
+    ]

@@ -36,12 +36,17 @@ def test_forward_no_nan_and_shapes(model_name: str) -> None:
 
 
 def test_every_parameter_gets_a_gradient(model_name: str) -> None:
-    model = make_small(model_name)
-    model(_x()).logsumexp(dim=1).sum().backward()
+    model = make_small(model_name, dtype=torch.float64)
+    model(_x(dtype=torch.float64)).logsumexp(dim=1).sum().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, f"{name} got an all-zero gradient"
+        if name.endswith("mlp_tokens.fc2.bias") and _token_bias_is_dead(model):
+            # Known dead parameter (as in timm and the original Mixer): the token MLP's output bias adds one
+            # constant per token, which every following per-token LayerNorm removes, so its gradient is 0.
+            assert p.grad.abs().max() < 1e-12, name
+            continue
+        assert p.grad.abs().sum() > 1e-8, f"{name} got an all-zero gradient"
 
 
 def test_save_load_round_trip_keeps_outputs(model_name: str) -> None:
@@ -80,6 +85,18 @@ def test_masked_nothing_and_perms_unchanged_after_a_step() -> None:
     for k, v in model.state_dict().items():
         if "perm" in k:
             assert torch.equal(v, before[k])
+
+
+def _token_bias_is_dead(model: torch.nn.Module) -> bool:
+    """A Mixer with LayerNorm: the token MLP's bias is one constant per token, broadcast over channels.
+
+    (Not so in the RP-Mixer: its output permutation scatters the bias over tokens and channels.)
+    """
+    from widesparse.models.blocks import MixingMlp
+
+    blk = model.blocks[0]
+    plain = isinstance(blk.mlp_tokens, MixingMlp) and blk.mlp_tokens.idx_out is None
+    return plain and isinstance(blk.norm2, torch.nn.LayerNorm) and blk.residual
 
 
 @pytest.mark.parametrize(

@@ -238,9 +238,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         extra = parse_model_kwargs(rest)
         return _COMMANDS[args.command](args, extra)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, ImportError, MemoryError) as e:
         print(f"widesparse {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from widesparse.train import NonFiniteLossError
+
+        if not isinstance(e, NonFiniteLossError):
+            raise
+        print(f"widesparse {args.command}: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,24 +1,27 @@
-"""Image classification data sets as in-memory tensors, with one table of per-data-set defaults.
+"""Image classification data sets by name, as in-memory tensors, with one table of per-data-set defaults.
 
-Floor 1: this module imports nothing from ``widesparse``. It knows no model; a model is sized from a
-:class:`DatasetInfo` (image size, channels, classes, default patch size) by its caller.
+Floor 1: imports only its two leaf modules :mod:`widesparse.readers` (file formats) and
+:mod:`widesparse.augment` (normalisation); it knows no model. A model is sized from a :class:`DatasetInfo`
+(image size, channels, classes, default patch size) by its caller.
 
-Only the embedded ``digits`` set (scikit-learn's ``load_digits``: 1797 grayscale 8x8 images, 10
-classes, no download) exists for now. Data sets read from disk (MNIST, CIFAR, ...) are added by
-putting a :class:`DatasetInfo` into :data:`DATASETS` and a loader into ``_LOADERS``; a loader gets
-``(data_dir, seed, test_fraction)`` and returns a fixed split, so sets that ship their own train/test
-split simply ignore ``seed`` and ``test_fraction``.
+Data sets: ``digits`` (scikit-learn's embedded 8x8 digits; the default, no files), and from disk in their
+distributed formats (see :mod:`widesparse.readers`): ``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``,
+``stl10`` (labelled split), ``svhn`` and ``imagefolder`` (``train/`` and ``val/`` class folders, e.g.
+ImageNet). ``data_dir`` is the folder holding the files, or the folder torchvision downloads into (its
+sub-folders such as ``MNIST/raw`` or ``cifar-10-batches-py`` are searched too).
 
-Every tensor returned is normalised per channel with the table's ``mean``/``std`` (after scaling
-pixels to [0, 1]), has shape ``(N, in_chans, H, W)``, and labels are ``int64``.
+:func:`load_pixels` returns ``uint8`` images (what the training engine keeps on the device and augments per
+batch); :func:`load_dataset` returns them normalised to float with the table's ``mean``/``std``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -26,14 +29,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from widesparse import readers
+from widesparse.augment import normalize
+
 __all__ = [
     "DATASETS",
     "DatasetInfo",
     "Split",
+    "download_dataset",
     "get_dataset_info",
     "iterate_batches",
     "list_datasets",
     "load_dataset",
+    "load_pixels",
 ]
 
 
@@ -52,6 +60,11 @@ class DatasetInfo:
         description: One line for listings.
         default_model_kwargs: Extra model keyword arguments the training loop applies for this data set
             (for example a smaller width/depth for a tiny data set); the user's own model kwargs win.
+        pixel_max: Value of a white pixel in the stored ``uint8`` images (255; 16 for ``digits``).
+        crop_padding: Default training augmentation: random crop after zero padding by this many pixels.
+        hflip: Default training augmentation: random horizontal flip.
+        files: The files (or folders) the data set is read from, relative to ``data_dir``; empty if embedded.
+        source: Where to get the files.
     """
 
     name: str
@@ -63,6 +76,11 @@ class DatasetInfo:
     default_patch_size: int
     description: str
     default_model_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    pixel_max: int = 255
+    crop_padding: int = 0
+    hflip: bool = False
+    files: tuple[str, ...] = ()
+    source: str = ""
 
     def __post_init__(self) -> None:
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
@@ -80,32 +98,74 @@ class DatasetInfo:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy of the fields."""
-        return {
-            "name": self.name,
-            "image_size": self.image_size,
-            "in_chans": self.in_chans,
-            "num_classes": self.num_classes,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "default_patch_size": self.default_patch_size,
-            "description": self.description,
-            "default_model_kwargs": dict(self.default_model_kwargs),
-        }
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d.update(mean=list(self.mean), std=list(self.std), files=list(self.files))
+        d["default_model_kwargs"] = dict(self.default_model_kwargs)
+        return d
 
+
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 DATASETS: Mapping[str, DatasetInfo] = MappingProxyType(
     {
-        "digits": DatasetInfo(
-            name="digits",
-            image_size=8,
-            in_chans=1,
-            num_classes=10,
-            # Pixels 0..16 scaled to [0, 1]; mean/std over all 1797 images (all 64 pixels pooled).
-            mean=(0.30526028624095713,),
-            std=(0.3760492217920148,),
-            default_patch_size=2,
-            description="scikit-learn load_digits: 1797 grayscale 8x8 handwritten digits, 10 classes (embedded)",
-        ),
+        info.name: info
+        for info in (
+            DatasetInfo(
+                "digits", 8, 1, 10,
+                # Pixels 0..16 scaled to [0, 1]; mean/std over all 1797 images (all 64 pixels pooled).
+                mean=(0.30526028624095713,), std=(0.3760492217920148,), default_patch_size=2, pixel_max=16,
+                description="scikit-learn load_digits: 1797 grayscale 8x8 handwritten digits, 10 classes (embedded)",
+            ),
+            DatasetInfo(
+                "mnist", 28, 1, 10, mean=(0.1307,), std=(0.3081,), default_patch_size=4,
+                description="MNIST: 60k/10k grayscale 28x28 handwritten digits (IDX files, gzipped or not)",
+                files=_IDX_FILES, source="https://ossci-datasets.s3.amazonaws.com/mnist/ (yann.lecun.com/exdb/mnist)",
+            ),
+            DatasetInfo(
+                "fashion_mnist", 28, 1, 10, mean=(0.2860,), std=(0.3530,), default_patch_size=4,
+                description="Fashion-MNIST: 60k/10k grayscale 28x28 clothing images (IDX files, gzipped or not)",
+                files=_IDX_FILES, source="https://github.com/zalandoresearch/fashion-mnist#get-the-data",
+            ),
+            DatasetInfo(
+                "cifar10", 32, 3, 10, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+                default_patch_size=4, crop_padding=4, hflip=True,
+                description="CIFAR-10: 50k/10k colour 32x32 images, 10 classes (python pickle batches)",
+                files=tuple(f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6))
+                + ("cifar-10-batches-py/test_batch",),
+                source="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (extract it in data_dir)",
+            ),
+            DatasetInfo(
+                "cifar100", 32, 3, 100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+                default_patch_size=4, crop_padding=4, hflip=True,
+                description="CIFAR-100: 50k/10k colour 32x32 images, 100 fine classes (python pickle files)",
+                files=("cifar-100-python/train", "cifar-100-python/test"),
+                source="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz (extract it in data_dir)",
+            ),
+            DatasetInfo(
+                "stl10", 96, 3, 10, mean=(0.4467, 0.4398, 0.4066), std=(0.2603, 0.2566, 0.2713),
+                # Patch 12 gives S = 64 tokens, as patch 4 on CIFAR; pad 12 as PAPER.md 6.2.
+                default_patch_size=12, crop_padding=12, hflip=True,
+                description="STL-10 labelled split: 5k/8k colour 96x96 images, 10 classes (binary files)",
+                files=tuple(f"stl10_binary/{s}_{k}.bin" for s in ("train", "test") for k in ("X", "y")),
+                source="https://cs.stanford.edu/~acoates/stl10/stl10_binary.tar.gz (extract it in data_dir)",
+            ),
+            DatasetInfo(
+                "svhn", 32, 3, 10, mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970),
+                default_patch_size=4, crop_padding=4, hflip=False,  # digits: no flip
+                description="SVHN cropped digits: 73k/26k colour 32x32 house numbers (.mat files, via scipy)",
+                files=("train_32x32.mat", "test_32x32.mat"),
+                source="http://ufldl.stanford.edu/housenumbers/ (train_32x32.mat, test_32x32.mat)",
+            ),
+            DatasetInfo(
+                "imagefolder", 224, 3, 1000, mean=_IMAGENET_MEAN, std=_IMAGENET_STD, default_patch_size=16,
+                hflip=True,
+                description="train/ and val/ folders of class sub-folders of images (ImageNet layout; Pillow); "
+                "num_classes comes from the folders",
+                files=("train/<class>/<image>", "val/<class>/<image>"),
+                source="your own images, or ImageNet from https://image-net.org (val sorted into class folders)",
+            ),
+        )
     }
 )
 """Per-data-set defaults, keyed by name."""
@@ -123,7 +183,7 @@ class Split(NamedTuple):
 
 
 class _RawSplits(NamedTuple):
-    """Loader output: images as float arrays in [0, 1] of shape (N, C, H, W), integer labels."""
+    """Loader output: ``uint8`` images of shape (N, C, H, W) in ``0 .. pixel_max``, integer labels."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -144,43 +204,147 @@ def get_dataset_info(name: str) -> DatasetInfo:
         raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(list_datasets())}") from None
 
 
+# ----------------------------------------------------------------------------------------------- loaders
 @functools.lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    x = bunch.images.astype(np.float32) / 16.0  # pixel values 0..16 -> [0, 1]
+    x = bunch.images.astype(np.uint8)[:, None, :, :]  # integer pixel values 0..16
     y = bunch.target.astype(np.int64)
     x.setflags(write=False)
     y.setflags(write=False)
-    return x[:, None, :, :], y
+    return x, y
 
 
-def _stratified_split(x: np.ndarray, y: np.ndarray, *, seed: int, test_fraction: float) -> _RawSplits:
+def _load_digits(seed: int, test_fraction: float) -> _RawSplits:
     from sklearn.model_selection import train_test_split
 
+    x, y = _digits_arrays()
     idx_train, idx_test = train_test_split(
         np.arange(len(y)), test_size=test_fraction, random_state=seed, shuffle=True, stratify=y
     )
     return _RawSplits(x[idx_train], y[idx_train], x[idx_test], y[idx_test])
 
 
-def _load_digits(data_dir: str | os.PathLike[str] | None, seed: int, test_fraction: float) -> _RawSplits:
-    del data_dir  # embedded in scikit-learn, nothing on disk
-    x, y = _digits_arrays()
-    return _stratified_split(x, y, seed=seed, test_fraction=test_fraction)
+class _Disk(NamedTuple):
+    """How an on-disk data set is read: the folder reader, the sub-folders of ``data_dir`` searched before
+    ``data_dir`` itself (torchvision's download layouts first), and torchvision's downloader and its split
+    argument."""
+
+    read: Callable[[list[Path]], tuple[np.ndarray, ...]]
+    subdirs: tuple[str, ...]
+    torchvision: tuple[str, str]
 
 
-_LOADERS = {
-    "digits": _load_digits,
+_DISK: dict[str, _Disk] = {
+    "mnist": _Disk(readers.read_idx_folder, ("MNIST/raw", "mnist", "MNIST"), ("MNIST", "train")),
+    "fashion_mnist": _Disk(
+        readers.read_idx_folder, ("FashionMNIST/raw", "fashion_mnist", "fashion-mnist"), ("FashionMNIST", "train")
+    ),
+    "cifar10": _Disk(readers.read_cifar_folder, ("cifar-10-batches-py",), ("CIFAR10", "train")),
+    "cifar100": _Disk(
+        functools.partial(readers.read_cifar_folder, cifar100=True), ("cifar-100-python",), ("CIFAR100", "train")
+    ),
+    "stl10": _Disk(readers.read_stl10_folder, ("stl10_binary",), ("STL10", "split")),
+    "svhn": _Disk(readers.read_svhn_folder, ("svhn", "SVHN"), ("SVHN", "split")),
 }
 
 
-def _to_tensors(x: np.ndarray, y: np.ndarray, info: DatasetInfo, dtype: torch.dtype) -> Split:
-    mean = np.asarray(info.mean, dtype=np.float64).reshape(1, -1, 1, 1)
-    std = np.asarray(info.std, dtype=np.float64).reshape(1, -1, 1, 1)
-    xn = (x.astype(np.float64) - mean) / std
-    return Split(torch.from_numpy(xn).to(dtype), torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)))
+def _load_from_disk(info: DatasetInfo, root: Path) -> _RawSplits:
+    disk = _DISK[info.name]
+    try:
+        raw = _RawSplits(*disk.read([root / sub for sub in disk.subdirs] + [root]))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"{info.name}: {e}; expected the files {', '.join(info.files)}; get them from {info.source}, or pass "
+            "download=True (--download true; needs torchvision)"
+        ) from None
+    for what, y in (("train", raw.y_train), ("test", raw.y_test)):
+        if y.size and (y.min() < 0 or y.max() >= info.num_classes):
+            raise readers.DataFormatError(
+                f"{info.name} {what} labels: values {y.min()}..{y.max()} outside 0..{info.num_classes - 1}"
+            )
+    return raw
+
+
+def _load_image_folder(info: DatasetInfo, root: Path, image_size: int) -> tuple[_RawSplits, DatasetInfo]:
+    train = readers.ImageFolderIndex(root / "train")
+    val_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), root / "val")
+    val = readers.ImageFolderIndex(val_dir, classes=train.classes)
+    raw = _RawSplits(*readers.read_image_folder(train, image_size), *readers.read_image_folder(val, image_size))
+    patch = max(p for p in range(1, min(16, image_size) + 1) if image_size % p == 0)
+    info = dataclasses.replace(info, image_size=image_size, num_classes=len(train.classes), default_patch_size=patch)
+    return raw, info
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _data_root(info: DatasetInfo, data_dir: str | os.PathLike[str] | None) -> Path:
+    if data_dir is None:
+        raise ValueError(
+            f"data set {info.name!r} is read from disk: pass data_dir (--data-dir DIR), a folder holding "
+            f"{', '.join(info.files)}; get them from {info.source}"
+        )
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data_dir {root} is not a folder; expected it to hold {', '.join(info.files)}")
+    return root
+
+
+def load_pixels(
+    name: str,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    image_size: int | None = None,
+    download: bool = False,
+) -> tuple[Split, Split, DatasetInfo]:
+    """Load a data set into memory as ``uint8`` images ``(N, C, H, W)`` (values ``0 .. info.pixel_max``).
+
+    Args:
+        name: A name from :func:`list_datasets`.
+        data_dir: Folder holding the files of on-disk data sets; ignored by ``digits``.
+        seed: Seed of the stratified train/test split (``digits``, which ships without a split).
+        test_fraction: Fraction held out for testing, in (0, 1) (``digits`` only).
+        image_size: Side images are resized to (``imagefolder`` only; default 224); other data sets accept
+            only their own size.
+        download: Fetch missing files with torchvision first (needs torchvision and network access).
+
+    Returns:
+        ``(train, test, info)``; for ``imagefolder`` ``info`` carries the folder's class count and image size.
+
+    Raises:
+        ValueError: Unknown name (the message lists the valid ones), bad arguments, or a missing ``data_dir``.
+        FileNotFoundError: A file is missing (the message names it, the files expected and where to get them).
+        readers.DataFormatError: A file is corrupt (a ``ValueError`` naming the file and the expected format).
+    """
+    info = get_dataset_info(name)
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if name != "imagefolder" and image_size not in (None, info.image_size):
+        raise ValueError(
+            f"{name} images are {info.image_size}x{info.image_size}; image_size={image_size} is not supported "
+            "(resizing is for imagefolder only)"
+        )
+    root = None
+    if info.files:  # read from disk
+        if download:
+            download_dataset(name, data_dir)
+        root = _data_root(info, data_dir)
+    if name == "digits":
+        raw = _load_digits(int(seed), float(test_fraction))
+    elif name == "imagefolder":
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        raw, info = _load_image_folder(info, root, image_size or info.image_size)  # type: ignore[arg-type]
+    else:
+        raw = _load_from_disk(info, root)  # type: ignore[arg-type]
+
+    def split(x: np.ndarray, y: np.ndarray) -> Split:
+        return Split(torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)), torch.from_numpy(y.astype(np.int64)))
+
+    return split(raw.x_train, raw.y_train), split(raw.x_test, raw.y_test), info
 
 
 def load_dataset(
@@ -190,35 +354,46 @@ def load_dataset(
     seed: int = 0,
     test_fraction: float = 0.2,
     dtype: torch.dtype = torch.float32,
+    image_size: int | None = None,
+    download: bool = False,
 ) -> tuple[Split, Split, DatasetInfo]:
-    """Load a data set into memory as normalised tensors.
-
-    Args:
-        name: A name from :func:`list_datasets`.
-        data_dir: Folder holding the files of on-disk data sets; ignored by embedded ones (``digits``).
-        seed: Seed of the stratified train/test split (data sets without a fixed split).
-        test_fraction: Fraction of examples held out for testing, in (0, 1) (data sets without a fixed
-            split).
-        dtype: Floating dtype of the images.
+    """Load a data set into memory as normalised float tensors (see :func:`load_pixels` for the arguments).
 
     Returns:
         ``(train, test, info)``: two :class:`Split` pairs ``(x, y)`` with ``x`` of shape
-        ``(N, in_chans, image_size, image_size)`` normalised by ``info.mean``/``info.std`` and ``y``
-        ``int64``, and the data set's :class:`DatasetInfo`.
-
-    Raises:
-        ValueError: Unknown name (the message lists the valid ones), ``test_fraction`` outside (0, 1),
-            or a non-floating ``dtype``.
+        ``(N, in_chans, image_size, image_size)`` normalised by ``info.mean``/``info.std`` (after scaling
+        pixels to [0, 1]) and ``y`` ``int64``, and the data set's :class:`DatasetInfo`.
     """
-    info = get_dataset_info(name)
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch dtype, got {dtype}")
-    raw = _LOADERS[name](data_dir, int(seed), float(test_fraction))
-    train = _to_tensors(raw.x_train, raw.y_train, info, dtype)
-    test = _to_tensors(raw.x_test, raw.y_test, info, dtype)
-    return train, test, info
+    train, test, info = load_pixels(
+        name, data_dir=data_dir, seed=seed, test_fraction=test_fraction, image_size=image_size, download=download
+    )
+
+    def norm(s: Split) -> Split:
+        return Split(normalize(s.x, info.mean, info.std, info.pixel_max, dtype), s.y)
+
+    return norm(train), norm(test), info
+
+
+def download_dataset(name: str, data_dir: str | os.PathLike[str] | None) -> None:
+    """Download ``name`` into ``data_dir`` with torchvision's downloaders (their layouts are searched on load)."""
+    info = get_dataset_info(name)
+    if name not in _DISK:
+        raise ValueError(f"{name} cannot be downloaded; data sets with a downloader: {', '.join(sorted(_DISK))}")
+    if data_dir is None:
+        raise ValueError(f"downloading {name} needs data_dir (--data-dir DIR), the folder to download into")
+    try:
+        import torchvision.datasets as tvd
+    except Exception as e:  # ImportError, or a torchvision built against another torch
+        raise ImportError(
+            f"download needs an importable torchvision ({type(e).__name__}: {e}); or fetch {name} yourself "
+            f"from {info.source} into {data_dir}"
+        ) from None
+    cls, arg = _DISK[name].torchvision
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    for split in (True, False) if arg == "train" else ("train", "test"):
+        getattr(tvd, cls)(str(data_dir), **{arg: split}, download=True)
 
 
 def iterate_batches(

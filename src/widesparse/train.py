@@ -1,145 +1,83 @@
-"""A small, honest training loop: one data set in memory, one model from the registry, one run folder.
+"""The training engine: one data set on the device, one model from the registry, one run folder.
 
-Floor 4: imports :mod:`widesparse.data` and the model registry (``create_model``) only.
+Floor 4: imports :mod:`widesparse.data`, :mod:`widesparse.augment`, the model registry, and its helpers
+:mod:`widesparse.train_config` (``TrainConfig``), :mod:`widesparse.recipe` (optimizer groups, schedule,
+evaluation), :mod:`widesparse.checkpoint`, :mod:`widesparse.metrics` and :mod:`widesparse.distributed`.
 
-Recipe: AdamW (weight decay only on parameters with ``ndim >= 2``, none on biases and norms), linear
-warmup then cosine decay to zero, stepped per batch; cross-entropy with optional label smoothing.
-A run folder ``out_dir/run_name`` (never overwritten: a taken name gets a ``-1``, ``-2``, ... suffix)
-receives ``config.json``, ``metrics.jsonl`` (one object per epoch), ``summary.json`` and ``model.pt``
-(the final ``state_dict``).
+Recipe: AdamW (weight decay only on parameters with ``ndim >= 2``, none on biases and norms), linear warmup
+then cosine decay to zero, stepped per batch; cross-entropy with optional label smoothing; optional gradient
+clipping, bf16 autocast and ``torch.compile``. The images stay ``uint8`` on the device; each batch is
+gathered, cropped/flipped (the data set's defaults, ``augment=False`` turns them off) and normalised there.
+
+Reproducibility: the order and augmentation of epoch ``e`` are drawn from a generator seeded by
+``(seed, e)``, so they do not depend on history. A run folder ``out_dir/run_name`` (never overwritten: a
+taken name gets ``-1``, ``-2``, ...) receives ``config.json``, ``metrics.jsonl`` and ``metrics.csv`` (one
+row per epoch), ``checkpoint.pt`` (atomically replaced after every epoch and on Ctrl-C), ``summary.json``
+and ``model.pt`` (the final ``state_dict``). ``resume=RUN_DIR`` continues from ``checkpoint.pt`` and ends
+with the same metrics as an uninterrupted run.
+
+Data parallel: under ``torchrun`` every process trains its share of each global batch (``batch_size`` is
+the global batch) through ``DistributedDataParallel``; rank 0 alone logs and writes files
+(:mod:`widesparse.distributed`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from widesparse.data import Split, iterate_batches, load_dataset
-from widesparse.models import create_model
+from widesparse import distributed
+from widesparse.augment import apply_crop_flip, draw_crop_flip, normalize
+from widesparse.checkpoint import (
+    DeferredInterrupt,
+    atomic_write,
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+    write_json,
+)
+from widesparse.data import DatasetInfo, Split, load_pixels
+from widesparse.metrics import MetricsLog
+from widesparse.models import create_model, model_defaults
+from widesparse.recipe import autocast, eval_sums, evaluate, param_groups, warmup_cosine
+from widesparse.train_config import RESUME_OVERRIDABLE, TrainConfig
 
-__all__ = ["TrainConfig", "train"]
+__all__ = [
+    "NonFiniteLossError",
+    "TrainConfig",
+    "evaluate",
+    "load_run",
+    "param_groups",
+    "resolve_model_kwargs",
+    "train",
+    "warmup_cosine",
+]
 
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; ``to_dict()`` is what ``config.json`` records.
-
-    The defaults are the digits recipe: the default ``mixer`` (about 1.07M parameters at patch 2 on 8x8)
-    reaches about 98-99% test accuracy in 20 epochs, about 30 s on 2 idle CPU cores; accuracy plateaus
-    after about 10 epochs. ``num_threads=None`` keeps torch's thread count (on a CPU shared with other
-    busy processes, ``num_threads=1`` can be many times faster than 2 spinning threads).
-    """
-
-    model: str = "mixer"
-    dataset: str = "digits"
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_epochs: int = 2
-    seed: int = 0
-    label_smoothing: float = 0.0
-    out_dir: str = "runs"
-    run_name: str | None = None
-    device: str = "cpu"
-    num_threads: int | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    progress: bool | None = None  # None: show a progress bar only when stderr is a terminal
-    data_dir: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise TypeError(f"unknown TrainConfig fields: {', '.join(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> TrainConfig:
-        """A config from a ``.json``, ``.toml`` or ``.yaml``/``.yml`` file of TrainConfig fields."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found")
-        text = path.read_text()
-        if path.suffix == ".json":
-            data = json.loads(text)
-        elif path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError as e:
-                raise ValueError(f"reading {path} needs PyYAML (pip install pyyaml), or use .toml/.json") from e
-            data = yaml.safe_load(text)
-        else:
-            raise ValueError(f"config file {path}: unknown format {path.suffix!r}; use .json, .toml or .yaml")
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping of TrainConfig fields")
-        return cls.from_dict(data.get("config", data))  # a run folder's config.json nests it under "config"
-
-    def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.warmup_epochs < 0:
-            raise ValueError(
-                f"need epochs >= 1, batch_size >= 1, warmup_epochs >= 0; got {self.epochs}, "
-                f"{self.batch_size}, {self.warmup_epochs}"
-            )
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+CHECKPOINT = "checkpoint.pt"
+METRIC_COLUMNS = (
+    "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_err", "lr",
+    "epoch_seconds", "train_seconds", "eval_seconds", "images_per_s", "wall_seconds",
+)  # fmt: skip
+STOP_CHECK_EVERY = 20  # steps between the ranks' agreement on a Ctrl-C in a distributed run
+TIMING_KEYS = frozenset({"epoch_seconds", "train_seconds", "eval_seconds", "images_per_s", "wall_seconds"})
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """LR multiplier per step: linear ramp to 1 over ``warmup_steps``, then cosine down to 0."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: matrices (``ndim >= 2``) decay, biases/norm scales/vectors do not."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: Split, batch_size: int) -> tuple[float, float]:
-    """Mean cross-entropy (no smoothing) and accuracy of ``model`` on ``data``, in eval mode."""
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for xb, yb in iterate_batches(data.x, data.y, max(batch_size, 256)):
-        logits = model(xb)
-        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").item()
-        correct += (logits.argmax(dim=1) == yb).sum().item()
-    n = data.num_examples
-    return loss_sum / n, correct / n
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped and its last checkpoint is the last good state."""
 
 
 def make_run_dir(out_dir: str | os.PathLike[str], run_name: str) -> Path:
@@ -156,22 +94,6 @@ def make_run_dir(out_dir: str | os.PathLike[str], run_name: str) -> Path:
     raise RuntimeError(f"no free run folder name for {run_name!r} in {root}")
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Write via a temporary file in the same folder and ``os.replace``, so ``path`` is never partial."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str) + "\n"))
-
-
 def _package_version() -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -181,139 +103,277 @@ def _package_version() -> str | None:
         return None
 
 
+def resolve_model_kwargs(config: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
+    """Model keyword arguments for ``config`` on data set ``info`` (its size, channels and classes win).
+
+    Patch size: the user's, else the preset's, else the data set's default. A user-given ``image_size``,
+    ``in_chans`` or ``num_classes`` that contradicts the data raises ``ValueError`` naming both.
+    """
+    data_fixed = {"image_size": info.image_size, "in_chans": info.in_chans, "num_classes": info.num_classes}
+    for key, want in data_fixed.items():
+        given = config.model_kwargs.get(key)
+        if given is not None and given not in (want, (want, want), [want, want]):
+            raise ValueError(
+                f"model {key}={given!r} does not fit data set {info.name!r}, which has {key}={want} "
+                f"({info.image_size}x{info.image_size} images, {info.in_chans} channel(s), {info.num_classes} classes)"
+            )
+    kwargs: dict[str, Any] = {"patch_size": model_defaults(config.model).get("patch_size", info.default_patch_size)}
+    kwargs.update(info.default_model_kwargs)
+    kwargs.update(config.model_kwargs)
+    kwargs.setdefault("seed", config.seed)
+    kwargs.update(data_fixed)
+    return kwargs
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Train ``config.model`` on ``config.dataset``; write the run folder; return the summary dict."""
+    """Train ``config.model`` on ``config.dataset``; write the run folder; return the summary dict.
+
+    Raises:
+        NonFiniteLossError: The loss became NaN/Inf (the message names the step and the last good checkpoint).
+        KeyboardInterrupt: After Ctrl-C, once a checkpoint of the last finished step is written.
+    """
+    ckpt = None
+    if config.resume:
+        path = Path(config.resume) / CHECKPOINT
+        if not path.is_file():
+            raise FileNotFoundError(f"cannot resume: {path} not found ({config.resume} is not a run folder)")
+        ckpt = load_checkpoint(path)
+        config = TrainConfig.from_dict({**ckpt["config"], **{k: getattr(config, k) for k in RESUME_OVERRIDABLE}})
     config.validate()
-    t_start = time.perf_counter()
     old_threads = torch.get_num_threads()
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
+    d, device = distributed.setup(config.device)
     try:
-        return _train(config, t_start)
+        return _Trainer(config, ckpt, d, device).run()
     finally:
+        distributed.teardown(d)
         torch.set_num_threads(old_threads)
 
 
-def _train(config: TrainConfig, t_start: float) -> dict[str, Any]:
-    torch.manual_seed(config.seed)
-    device = torch.device(config.device)
-    train_split, test_split, info = load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed)
-    train_split = Split(train_split.x.to(device), train_split.y.to(device))
-    test_split = Split(test_split.x.to(device), test_split.y.to(device))
+class _Trainer:
+    """One run (one rank's part of it): set up from a config (and a checkpoint when resuming), then :meth:`run`."""
 
-    model_kwargs: dict[str, Any] = {"patch_size": info.default_patch_size, **info.default_model_kwargs}
-    model_kwargs.update(config.model_kwargs)
-    model_kwargs.setdefault("seed", config.seed)
-    model = create_model(
-        config.model,
-        num_classes=info.num_classes,
-        image_size=info.image_size,
-        in_chans=info.in_chans,
-        **model_kwargs,
-    ).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
+    def __init__(self, config: TrainConfig, ckpt: dict[str, Any] | None, d: distributed.Dist, device: torch.device):
+        self.t_start = time.perf_counter()
+        self.config = c = config
+        self.dist, self.device = d, device
+        torch.manual_seed(c.seed)
+        train_px, test_px, self.info = load_pixels(
+            c.dataset, data_dir=c.data_dir, seed=c.seed, image_size=c.image_size, download=c.download
+        )
+        self.train_px = Split(train_px.x.to(device), train_px.y.to(device))
+        self.test_px = Split(test_px.x.to(device), test_px.y.to(device))
+        self.n = n = self.train_px.num_examples
+        self.model_kwargs = resolve_model_kwargs(c, self.info)
+        self.model = create_model(c.model, **self.model_kwargs).to(device)
+        self.forward: nn.Module = self.model
+        if d.enabled:
+            ids = [device.index] if device.type == "cuda" else None
+            self.forward = DistributedDataParallel(self.model, device_ids=ids)
+        if c.compile:
+            self.forward = torch.compile(self.forward)
+        # Each rank evaluates its shard; the sums are added over ranks.
+        self.test_shard = Split(d.shard(self.test_px.x), d.shard(self.test_px.y))
+        self.steps_per_epoch = math.ceil(n / c.batch_size)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, c.weight_decay), lr=c.lr)
+        total, warmup = c.epochs * self.steps_per_epoch, c.warmup_epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total, warmup))
+        self.padding = self.info.crop_padding if c.augment else 0
+        self.hflip = self.info.hflip and c.augment
+        # Restorable progress: epochs finished, steps done in the next one (with its partial sums), history.
+        self.epochs_done, self.step, self.partial, self.seconds_before = 0, 0, None, 0.0
+        self.history: list[dict[str, Any]] = []
+        if ckpt is not None:
+            self.run_dir = Path(c.resume)  # type: ignore[arg-type]
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            set_rng_state(ckpt["rng"])
+            self.epochs_done, self.step, self.partial = ckpt["epochs_done"], ckpt["step"], ckpt["partial"]
+            self.history, self.seconds_before = ckpt["history"], ckpt["seconds"]
+            self.say(f"resuming {self.run_dir} after epoch {self.epochs_done}, step {self.step}")
+        else:
+            name = c.run_name or f"{c.model}-{c.dataset}-s{c.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+            self.run_dir = Path(d.broadcast(str(make_run_dir(c.out_dir, name)) if d.is_main else None))
+            if d.is_main:
+                write_json(self.run_dir / "config.json", {
+                    "config": c.to_dict(), "model_kwargs": self.model_kwargs,
+                    "params": sum(p.numel() for p in self.model.parameters()), "dataset": self.info.to_dict(),
+                    "num_train": n, "num_test": self.test_px.num_examples, "torch_version": torch.__version__,
+                    "widesparse_version": _package_version(), "num_threads": torch.get_num_threads(),
+                    "world_size": d.world,
+                })  # fmt: skip
 
-    steps_per_epoch = math.ceil(train_split.num_examples / config.batch_size)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch)
-    )
-    shuffle_gen = torch.Generator().manual_seed(config.seed)
+    def say(self, msg: str) -> None:
+        """A message on stderr, from rank 0 only."""
+        if self.dist.is_main:
+            print(msg, file=sys.stderr)
 
-    run_name = config.run_name or f"{config.model}-{config.dataset}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = make_run_dir(config.out_dir, run_name)
-    _write_json(
-        run_dir / "config.json",
-        {
-            "config": config.to_dict(),
-            "model_kwargs": model_kwargs,
-            "params": n_params,
-            "dataset": info.to_dict(),
-            "num_train": train_split.num_examples,
-            "num_test": test_split.num_examples,
-            "torch_version": torch.__version__,
-            "widesparse_version": _package_version(),
-            "num_threads": torch.get_num_threads(),
-        },
-    )
+    def prepare(self, x: Tensor) -> Tensor:
+        """``uint8`` images to the model's normalised float input."""
+        return normalize(x, self.info.mean, self.info.std, self.info.pixel_max)
 
-    show = sys.stderr.isatty() if config.progress is None else config.progress
-    bar = tqdm(range(1, config.epochs + 1), desc=run_dir.name, unit="epoch", disable=not show, file=sys.stderr)
-    history: list[dict[str, Any]] = []
-    with open(run_dir / "metrics.jsonl", "w") as metrics_file, bar:
-        for epoch in bar:
-            t0 = time.perf_counter()
-            model.train()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            batches = iterate_batches(
-                train_split.x, train_split.y, config.batch_size, shuffle=True, generator=shuffle_gen
+    def elapsed(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.t_start
+
+    def save(self) -> None:
+        """Atomically write ``checkpoint.pt`` with everything a resume needs (rank 0)."""
+        if not self.dist.is_main:
+            return
+        save_checkpoint(self.run_dir / CHECKPOINT, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": None,  # bf16 autocast needs no gradient scaler
+            "rng": get_rng_state(), "epochs_done": self.epochs_done, "step": self.step, "partial": self.partial,
+            "history": self.history, "seconds": self.elapsed(), "config": self.config.to_dict(),
+            "model_kwargs": self.model_kwargs,
+        })  # fmt: skip
+
+    def run(self) -> dict[str, Any]:
+        c, n, d = self.config, self.n, self.dist
+        show = (sys.stderr.isatty() if c.progress is None else c.progress) and d.is_main
+        bar = tqdm(
+            total=c.epochs * n, initial=self.epochs_done * n + min(self.step * c.batch_size, n), unit="img",
+            unit_scale=True, desc=self.run_dir.name, disable=not show, file=sys.stderr, dynamic_ncols=True,
+        )  # fmt: skip
+        log_to = MetricsLog(self.run_dir, METRIC_COLUMNS, self.history, c.tensorboard) if d.is_main else nullcontext()
+        with (
+            log_to as log,
+            bar,
+            DeferredInterrupt() as interrupt,
+        ):
+            for epoch in range(self.epochs_done + 1, c.epochs + 1):
+                row = self.train_epoch(epoch, interrupt, bar)
+                self.history.append(row)
+                self.epochs_done, self.step, self.partial = epoch, 0, None
+                self.save()
+                if log is not None:
+                    log.write(row)
+                bar.set_postfix(epoch=epoch, loss=f"{row['train_loss']:.3f}", test_acc=f"{row['test_acc']:.3f}")
+                if d.any(interrupt.requested, self.device):
+                    self.say(f"\ninterrupted after epoch {epoch}; resume with --resume {self.run_dir}")
+                    raise KeyboardInterrupt
+        return self.finish()
+
+    def train_epoch(self, epoch: int, interrupt: DeferredInterrupt, bar: tqdm) -> dict[str, Any]:
+        """One epoch from ``self.step`` on, then the test evaluation; returns the metrics row."""
+        c, n, device, bs, d = self.config, self.n, self.device, self.config.batch_size, self.dist
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(_epoch_seed(c.seed, epoch))
+        order = torch.randperm(n, generator=gen).to(device)
+        aug = draw_crop_flip(n, self.padding, self.hflip, gen) if (self.padding or self.hflip) else None
+        losses = torch.zeros(self.steps_per_epoch, dtype=torch.float64, device=device)  # per-batch loss sums
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        t_before = 0.0
+        if self.partial is not None:  # resuming in the middle of this epoch; the sums are global: rank 0 holds them
+            if d.is_main:
+                losses[: self.step] = self.partial["losses"].to(device)
+                correct += int(self.partial["correct"])
+            t_before = float(self.partial["train_seconds"])
+        # A sync per step is free on one CPU process; elsewhere non-finite losses are caught at the epoch's end.
+        check_every_step = device.type == "cpu" and not d.enabled
+        self.model.train()
+        for step in range(self.step, self.steps_per_epoch):
+            # Ranks agree on Ctrl-C every STOP_CHECK_EVERY steps (one process: every step).
+            if (interrupt.requested if not d.enabled else step % STOP_CHECK_EVERY == 0 and d.any(
+                    interrupt.requested, device)):  # fmt: skip
+                done = d.all_sum(losses[:step].clone())
+                self._check_finite(done, epoch)
+                self.step, self.partial = step, {
+                    "losses": done.cpu(), "correct": int(d.all_sum(correct.clone()).item()),
+                    "train_seconds": t_before + time.perf_counter() - t0,
+                }  # fmt: skip
+                self.save()
+                self.say(f"\ninterrupted: checkpoint written; continue with --resume {self.run_dir}")
+                raise KeyboardInterrupt
+            pos = torch.arange(step * bs, min((step + 1) * bs, n))  # this global batch's epoch positions
+            local = d.shard(pos)
+            idx = order[local.to(device)]
+            xb, yb = self.train_px.x[idx], self.train_px.y[idx]
+            if aug is not None:
+                xb = apply_crop_flip(xb, aug.take(local), self.padding)
+            with autocast(device, c.precision):
+                logits = self.forward(self.prepare(xb))
+            loss_sum = F.cross_entropy(logits.float(), yb, label_smoothing=c.label_smoothing, reduction="sum")
+            # DDP averages gradients over ranks: this scaling makes the result the global batch mean.
+            loss = loss_sum * (d.world / len(pos))
+            losses[step] = loss_sum.detach().double()
+            if check_every_step:
+                self._check_finite(losses[step : step + 1], epoch, offset=step)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if c.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            correct += (logits.detach().argmax(dim=1) == yb).sum()
+            bar.update(len(pos))
+        d.all_sum(losses)
+        d.all_sum(correct)
+        self._check_finite(losses, epoch)
+        t_train = t_before + time.perf_counter() - t0
+        t1 = time.perf_counter()
+        test_loss, test_acc = self.evaluate(self.test_shard)
+        t_eval = time.perf_counter() - t1
+        return {
+            "epoch": epoch, "train_loss": losses.sum().item() / n, "train_acc": correct.item() / n,
+            "test_loss": test_loss, "test_acc": test_acc, "test_err": 1.0 - test_acc,
+            "lr": self.optimizer.param_groups[0]["lr"],  # after the epoch's last step
+            "epoch_seconds": t_train + t_eval, "train_seconds": t_train, "eval_seconds": t_eval,
+            "images_per_s": n / t_train, "wall_seconds": self.elapsed(),
+        }  # fmt: skip
+
+    def _check_finite(self, losses: Tensor, epoch: int, offset: int = 0) -> None:
+        """Raise :class:`NonFiniteLossError` naming the first non-finite batch loss in ``losses``."""
+        bad = (~torch.isfinite(losses)).nonzero()
+        if not len(bad):
+            return
+        step = offset + int(bad[0, 0])
+        last = (
+            f"the last good checkpoint is {self.run_dir / CHECKPOINT} (after epoch {self.history[-1]['epoch']})"
+            if self.history
+            else "no checkpoint was written (the first epoch did not finish)"
+        )
+        raise NonFiniteLossError(
+            f"non-finite loss {losses[step - offset].item()} at epoch {epoch}, step {step} (global step "
+            f"{(epoch - 1) * self.steps_per_epoch + step}); lr {self.optimizer.param_groups[0]['lr']:.3g}; the run "
+            f"stopped; {last}. Lower the lr, set grad_clip, or use precision='fp32'"
+        )
+
+    def evaluate(self, shard: Split) -> tuple[float, float]:
+        """Mean loss and accuracy over all ranks' shards."""
+        c = self.config
+        sums = eval_sums(self.forward, shard, c.batch_size, self.prepare, c.precision)
+        loss_sum, correct, n = self.dist.all_sum(sums)
+        return (loss_sum / n).item(), (correct / n).item()
+
+    def finish(self) -> dict[str, Any]:
+        """Final train accuracy (eval mode, whole train split), ``model.pt``, ``summary.json``; the summary."""
+        c, history, d = self.config, self.history, self.dist
+        train_loss, train_acc = self.evaluate(Split(d.shard(self.train_px.x), d.shard(self.train_px.y)))
+        last, best = history[-1], max(history, key=lambda r: r["test_acc"])
+        train_seconds = sum(r["train_seconds"] for r in history)
+        summary = {
+            "run_dir": str(self.run_dir), "model": c.model, "dataset": c.dataset, "seed": c.seed,
+            "epochs": c.epochs, "params": sum(p.numel() for p in self.model.parameters()),
+            "test_acc": last["test_acc"], "test_err": last["test_err"], "test_loss": last["test_loss"],
+            "train_acc": train_acc, "train_loss": train_loss, "best_test_acc": best["test_acc"],
+            "best_epoch": best["epoch"], "seconds": self.elapsed(), "train_seconds": train_seconds,
+            "images_per_s": self.n * len(history) / train_seconds,
+        }  # fmt: skip
+        if d.is_main:
+            state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            atomic_write(self.run_dir / "model.pt", lambda f: torch.save(state, f), mode="wb")
+            write_json(self.run_dir / "summary.json", summary)
+            print(
+                f"test accuracy {100 * summary['test_acc']:.2f}% (error {100 * summary['test_err']:.2f}%) after "
+                f"{c.epochs} epochs in {summary['seconds']:.1f} s; run folder {self.run_dir}"
             )
-            for step, (xb, yb) in enumerate(batches):
-                lr = optimizer.param_groups[0]["lr"]
-                logits = model(xb)
-                loss = F.cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise RuntimeError(
-                        f"non-finite loss {loss.item()} at epoch {epoch}, step {step} (global step "
-                        f"{(epoch - 1) * steps_per_epoch + step}); lr {lr:.3g}; run folder {run_dir}"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                loss_sum += loss.detach().double() * len(yb)
-                correct += (logits.detach().argmax(dim=1) == yb).sum()
-            t_train = time.perf_counter() - t0
-            test_loss, test_acc = evaluate(model, test_split, config.batch_size)
-            n = train_split.num_examples
-            row = {
-                "epoch": epoch,
-                "train_loss": loss_sum.item() / n,
-                "train_acc": correct.item() / n,
-                "test_loss": test_loss,
-                "test_acc": test_acc,
-                "lr": lr,  # of the epoch's last step
-                "epoch_seconds": time.perf_counter() - t0,
-                "train_seconds": t_train,
-                "images_per_s": n / t_train,
-            }
-            history.append(row)
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}", test=f"{test_acc:.3f}")
-
-    # Final train accuracy in eval mode over the whole train split (the epoch rows hold running values).
-    train_loss, train_acc = evaluate(model, train_split, config.batch_size)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(run_dir / "model.pt", lambda f: torch.save(state, f), mode="wb")
-
-    last = history[-1]
-    best = max(history, key=lambda r: r["test_acc"])
-    seconds = time.perf_counter() - t_start
-    summary = {
-        "run_dir": str(run_dir),
-        "model": config.model,
-        "dataset": config.dataset,
-        "seed": config.seed,
-        "epochs": config.epochs,
-        "params": n_params,
-        "test_acc": last["test_acc"],
-        "test_err": 1.0 - last["test_acc"],
-        "test_loss": last["test_loss"],
-        "train_acc": train_acc,
-        "train_loss": train_loss,
-        "best_test_acc": best["test_acc"],
-        "best_epoch": best["epoch"],
-        "seconds": seconds,
-        "train_seconds": sum(r["train_seconds"] for r in history),
-    }
-    _write_json(run_dir / "summary.json", summary)
-    print(
-        f"test accuracy {100 * summary['test_acc']:.2f}% (error {100 * summary['test_err']:.2f}%) after "
-        f"{config.epochs} epochs in {seconds:.1f} s; run folder {run_dir}"
-    )
-    return summary
+        return summary
 
 
 def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -325,12 +385,7 @@ def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
             raise FileNotFoundError(f"{path} not found: {run_dir} is not a finished run folder of `widesparse train`")
     saved = json.loads(cfg_path.read_text())
     info = saved["dataset"]
-    model = create_model(
-        saved["config"]["model"],
-        num_classes=info["num_classes"],
-        image_size=info["image_size"],
-        in_chans=info["in_chans"],
-        **saved["model_kwargs"],
-    )
+    kwargs = {"num_classes": info["num_classes"], "image_size": info["image_size"], "in_chans": info["in_chans"]}
+    model = create_model(saved["config"]["model"], **{**kwargs, **saved["model_kwargs"]})
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.to(device).eval(), saved
