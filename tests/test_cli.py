@@ -138,3 +138,27 @@ def test_spectra_of_a_name_and_of_a_run(capsys: pytest.CaptureFixture[str], tmp_
     assert code == 0 and "fc1" in out
     code, _, err = run(capsys, "spectra", "mixr")
     assert code == 2 and "unknown model" in err
+
+
+def test_cka_two_runs_and_self(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    import numpy as np
+
+    for model in ("mixer", "rp_mixer"):
+        code, _, _ = run(capsys, "train", "--model", model, "--epochs", "1", "--out-dir", str(tmp_path),
+                         "--run-name", model, "--no-progress", "--dim", "8", "--depth", "2")
+        assert code == 0
+    out = tmp_path / "cka"
+    code, text, _ = run(capsys, "cka", str(tmp_path / "mixer"), str(tmp_path / "rp_mixer"), "--dataset", "digits",
+                        "--batch-size", "64", "--passes", "2", "--out", str(out))
+    assert code == 0 and "mean of the diagonal" in text
+    mat = np.load(out / "cka.npy")
+    assert mat.shape == (4, 4) and np.isfinite(mat).all()
+    assert (out / "cka.png").stat().st_size > 0 and (out / "cka.csv").read_text().startswith("i,j")
+    code, text, _ = run(capsys, "cka", str(tmp_path / "mixer"), "--self", "--batch-size", "64", "--passes", "1",
+                        "--out", str(tmp_path / "self"))
+    assert code == 0
+    assert np.allclose(np.diag(np.load(tmp_path / "self" / "cka.npy")), 1.0)
+    code, _, err = run(capsys, "cka", str(tmp_path / "mixer"))
+    assert code == 2 and "--self" in err
+    code, _, err = run(capsys, "cka", "mixer", "--self", "--batch-size", "3", "--out", str(tmp_path / "bad"))
+    assert code == 2 and "3" in err

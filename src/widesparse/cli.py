@@ -3,6 +3,7 @@
     widesparse models [PATTERN]
     widesparse describe NAME [--check] [--all] [--KWARG VALUE ...]
     widesparse plan --omega 2**19 --gamma 2 [--S 4,8,16] [--round]
+    widesparse cka RUN_A [RUN_B | --self] --dataset digits [--batch-size 256 --passes 10]
     widesparse spectra NAME-or-RUN_DIR [--method auto] [--KWARG VALUE ...]
     widesparse train --model NAME --dataset digits [--epochs N ...] [--KWARG VALUE ...]
 
@@ -76,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gamma", type=float, default=2.0, help="expansion factor (default 2)")
     s.add_argument("--S", dest="S", default=None, help="token counts, e.g. 4,8,16 (default: powers of two)")
     s.add_argument("--round", action="store_true", help="round C to integers and report the realised budget")
+
+    s = sub.add_parser("cka", help="mini-batch CKA between the mixing layers of two models")
+    s.add_argument("run_a", help="run folder of `widesparse train`, or a registered model name (untrained)")
+    s.add_argument("run_b", nargs="?", default=None, help="second run folder or model name (omit with --self)")
+    s.add_argument("--dataset", default="digits", help="test split to compare on (default digits)")
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--passes", type=int, default=10)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--self", dest="self_", action="store_true", help="compare RUN_A with itself")
+    s.add_argument("--float32-grams", action="store_true", help="float32 Gram matrices (faster; float64 sums)")
+    s.add_argument("--out", default=None, help="output folder (default: cka-<A>-vs-<B>)")
 
     s = sub.add_parser("spectra", help="largest singular value of every mixing weight vs Marchenko-Pastur")
     s.add_argument("target", help="registered model name, or a run folder of `widesparse train`")
@@ -197,6 +210,50 @@ def _cmd_train(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     return 0
 
 
+def _model_for(target: str, dataset: str, extra: dict[str, Any], seed: int):
+    """A trained model from a run folder, or an untrained registry model sized for ``dataset``."""
+    from pathlib import Path
+
+    from widesparse.data import get_dataset_info
+    from widesparse.train import TrainConfig, load_run, resolve_model_kwargs
+
+    if Path(target).is_dir():
+        return load_run(target)[0]
+    from widesparse.models import create_model
+
+    info = get_dataset_info(dataset)
+    cfg = TrainConfig(model=target, dataset=dataset, seed=seed, model_kwargs=dict(extra))
+    return create_model(target, **resolve_model_kwargs(cfg, info)).eval()
+
+
+def _cmd_cka(args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from widesparse import cka, plots
+    from widesparse.data import load_dataset
+
+    if args.run_b is None and not args.self_:
+        raise ValueError("give two models (RUN_A RUN_B) or --self to compare RUN_A with itself")
+    if args.run_b is not None and args.self_:
+        raise ValueError("--self compares RUN_A with itself: give only RUN_A")
+    _, test, _ = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
+    model_a = _model_for(args.run_a, args.dataset, extra, args.seed)
+    model_b = None if args.self_ else _model_for(args.run_b, args.dataset, extra, args.seed)
+    label_a = Path(args.run_a).name
+    label_b = label_a if args.self_ else Path(args.run_b).name
+    out = Path(args.out or f"cka-{label_a}-vs-{label_b}")
+    summary = cka.run_comparison(
+        model_a, model_b, test.x, out, label_a=label_a, label_b=label_b, batch_size=args.batch_size,
+        passes=args.passes, seed=args.seed, gram_dtype=torch.float32 if args.float32_grams else torch.float64,
+        progress=sys.stderr.isatty(), plot_fn=plots.plot_cka,
+    )
+    print(f"CKA {label_a} vs {label_b} on {args.dataset}: mean of the diagonal {summary['diag_mean']:.4f}; "
+          f"wrote {out}/cka.npy, cka.csv, cka.png")
+    return 0
+
+
 def _cmd_spectra(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     from pathlib import Path
 
@@ -223,6 +280,7 @@ def _cmd_spectra(args: argparse.Namespace, extra: dict[str, Any]) -> int:
 _COMMANDS = {
     "models": _cmd_models,
     "describe": _cmd_describe,
+    "cka": _cmd_cka,
     "plan": _cmd_plan,
     "spectra": _cmd_spectra,
     "train": _cmd_train,
@@ -234,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        if rest and args.command not in ("describe", "train", "spectra"):
+        if rest and args.command not in ("describe", "train", "spectra", "cka"):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         extra = parse_model_kwargs(rest)
         return _COMMANDS[args.command](args, extra)
