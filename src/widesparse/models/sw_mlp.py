@@ -33,24 +33,23 @@ Sizes (PAPER.md (10)): S comes from ``image_size``/``patch_size``; hidden widths
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from widesparse.budget import density as mixer_density
 from widesparse.layers.sparse import InitRule, MaskedLinear, MaskKind, SparseLinear
+from widesparse.models.base import MixerSurface
 from widesparse.models.blocks import (
     DropPath,
     PatchEmbed,
     drop_path_rates,
     lecun_normal_,
     resolve_act_layer,
-    resolve_indices,
 )
 from widesparse.models.registry import register_model
 
@@ -201,7 +200,7 @@ def _hidden_int(v: Any, name: str) -> int:
     return int(v)
 
 
-class SwMlp(nn.Module):
+class SwMlp(MixerSurface):
     """SW-MLP on images: patch embedding, ``depth`` blocks of two masked MLPs on vec X, LN, token mean, head."""
 
     def __init__(
@@ -259,68 +258,6 @@ class SwMlp(nn.Module):
             if isinstance(self.head, nn.Linear):
                 nn.init.zeros_(self.head.weight)
                 nn.init.constant_(self.head.bias, head_bias)
-
-    # ------------------------------------------------------------------------------------------- surface
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute block activations in the backward pass to save memory (outputs are unchanged)."""
-        self.grad_checkpointing = enable
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head (``num_classes=0``: no head, features out)."""
-        p = self.norm.weight
-        self.num_classes = num_classes
-        if num_classes > 0:
-            self.head = nn.Linear(self.dim, num_classes, device=p.device, dtype=p.dtype)
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
-        else:
-            self.head = nn.Identity()
-
-    def feature_names(self) -> list[str]:
-        """Names of the ``2 * depth`` masked MLPs, aligned with the Mixer's token/channel sublayers."""
-        return [f"blocks.{i}.{kind}" for i in range(len(self.blocks)) for kind in ("token", "channel")]
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Images -> final normalised features ``(B, S, C)``."""
-        x = self.stem(x)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for blk in self.blocks:
-                x = checkpoint(blk, x, use_reentrant=False)
-        else:
-            x = self.blocks(x)
-        return self.norm(x)
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Token-mean pooling then the linear head (``pre_logits=True`` stops before the head)."""
-        x = x.mean(dim=1)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self, x: Tensor, indices: int | Sequence[int] | None = None, norm: bool = False, stop_early: bool = False,
-        output_fmt: Literal["NLC", "vec"] = "NLC", intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """Residual-stream features after every masked MLP (``2 * depth``), as ``MlpMixer.forward_intermediates``."""
-        n = 2 * len(self.blocks)
-        take = resolve_indices(indices, n)
-        if output_fmt not in ("NLC", "vec"):
-            raise ValueError(f"output_fmt must be 'NLC' or 'vec', got {output_fmt!r}")
-        feats: list[Tensor] = []
-        x = self.stem(x)
-        last = max(take) if (stop_early or intermediates_only) and take else n - 1
-        for j in range(last + 1):
-            blk = self.blocks[j // 2]
-            x = blk.forward_token(x) if j % 2 == 0 else blk.forward_channel(x)
-            if j in take:
-                f = self.norm(x) if norm else x
-                feats.append(f.transpose(1, 2).reshape(f.shape[0], -1) if output_fmt == "vec" else f)
-        if intermediates_only:
-            return feats
-        if last < n - 1:
-            raise ValueError("stop_early=True leaves the final features uncomputed; use intermediates_only=True")
-        return self.norm(x), feats
 
 
 def _layer_seeds(seed: int, block: int) -> tuple[int, int, int, int]:

@@ -1,0 +1,107 @@
+"""The standard model surface shared by the Mixer family and the SW-MLP (after timm's ``MlpMixer``).
+
+A model using it has ``stem`` (images -> ``(B, S, C)``), ``blocks`` whose elements offer ``forward_token`` and
+``forward_channel`` (the two mixing sublayers), ``norm`` (final LayerNorm over channels), ``head``, ``dim`` and
+``num_classes``; it then gets ``forward_features``, ``forward_head``, ``forward_intermediates`` (the CKA tap),
+``feature_names``, ``reset_classifier`` and gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from widesparse.models.blocks import resolve_indices
+
+__all__ = ["MixerSurface"]
+
+
+class MixerSurface(nn.Module):
+    """Mixin with the surface of every token-mixing model (see the module docstring for what it needs)."""
+
+    stem: nn.Module
+    blocks: nn.Sequential
+    norm: nn.Module
+    head: nn.Module
+    dim: int
+    num_classes: int
+    grad_checkpointing: bool = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass to save memory (outputs are unchanged)."""
+        self.grad_checkpointing = enable
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head (``num_classes=0``: no head, features out)."""
+        p = self.norm.weight
+        self.num_classes = num_classes
+        if num_classes > 0:
+            self.head = nn.Linear(self.dim, num_classes, device=p.device, dtype=p.dtype)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        else:
+            self.head = nn.Identity()
+
+    def feature_names(self) -> list[str]:
+        """Names of the 2 * depth mixing sublayers whose outputs :meth:`forward_intermediates` returns."""
+        return [f"blocks.{i}.{kind}" for i in range(len(self.blocks)) for kind in ("token", "channel")]
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images -> final normalised token features ``(B, S, C)``."""
+        x = self.stem(x)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            for blk in self.blocks:
+                x = checkpoint(blk, x, use_reentrant=False)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Token-mean pooling then the linear head (``pre_logits=True`` stops before the head)."""
+        x = x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: Literal["NLC", "vec"] = "NLC",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Residual-stream features after every mixing sublayer (token and channel: ``2 * depth`` of them).
+
+        Args:
+            indices: ``None`` for all, an int ``n`` for the last ``n``, or a list of sublayer indices
+                (negative allowed) into :meth:`feature_names`.
+            norm: apply the final LayerNorm to each returned feature.
+            stop_early: stop after the last requested sublayer (then the final features are not computed).
+            output_fmt: ``"NLC"`` gives ``(B, S, C)``; ``"vec"`` gives column-major ``vec X`` of shape ``(B, S*C)``.
+            intermediates_only: return only the list.
+        """
+        n = 2 * len(self.blocks)
+        take = resolve_indices(indices, n)
+        if output_fmt not in ("NLC", "vec"):
+            raise ValueError(f"output_fmt must be 'NLC' or 'vec', got {output_fmt!r}")
+        feats: list[Tensor] = []
+        x = self.stem(x)
+        last = max(take) if (stop_early or intermediates_only) and take else n - 1
+        for j in range(last + 1):
+            blk = self.blocks[j // 2]
+            x = blk.forward_token(x) if j % 2 == 0 else blk.forward_channel(x)
+            if j in take:
+                f = self.norm(x) if norm else x
+                feats.append(f.transpose(1, 2).reshape(f.shape[0], -1) if output_fmt == "vec" else f)
+        if intermediates_only:
+            return feats
+        if last < n - 1:
+            raise ValueError("stop_early=True leaves the final features uncomputed; use intermediates_only=True")
+        return self.norm(x), feats
