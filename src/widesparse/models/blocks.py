@@ -162,34 +162,33 @@ class MixingMlp(nn.Module):
         return [self.fc1] if self.fc2 is None else [self.fc1, self.fc2]
 
     def refresh_gather_indices(self) -> None:
-        """Turn the vec-space permutations into single gathers on row-major storage (after init or load)."""
+        """Turn the vec-space permutations into single gathers on row-major storage (after init or load).
+
+        Both axes compute in the ``(B, S, C)`` layout, so ``unvec(vec(X)[pi])`` is ``X.flatten(1)[:, idx]`` with
+        ``idx[s*C + c] = rowmajor(pi[s + c*S])``.
+        """
         S, C = self.num_tokens, self.dim
         p_in, p_out = self.layers[0].perm_in, self.layers[-1].perm_out
         vp = vec_positions(S, C, device=self.fc1.weight.device)
-        if self.axis == "token":  # hidden layout (B, C, S): flat position j is the vec position j
-            self.idx_in = None if p_in is None else vec_to_rowmajor(p_in, S, C)
-            self.idx_out = None if p_out is None else p_out[vp]
-        else:  # hidden layout (B, S, C): flat position is row-major
-            self.idx_in = None if p_in is None else vec_to_rowmajor(p_in[vp], S, C)
-            self.idx_out = None if p_out is None else vec_to_rowmajor(p_out[vp], S, C)
+        self.idx_in = None if p_in is None else vec_to_rowmajor(p_in[vp], S, C)
+        self.idx_out = None if p_out is None else vec_to_rowmajor(p_out[vp], S, C)
         self.inv_in = None if self.idx_in is None else invert_perm(self.idx_in)
         self.inv_out = None if self.idx_out is None else invert_perm(self.idx_out)
 
-    def _gather_in(self, x: Tensor) -> Tensor:
-        return permute_last(x.reshape(x.shape[0], -1), self.idx_in, self.inv_in)
+    def _linear(self, h: Tensor, layer: PermutedKronLinear) -> Tensor:
+        if self.axis == "token":  # W @ X on (B, S, C) as a 1x1 convolution: no transposed copies (measured faster)
+            return F.conv1d(h, layer.weight.unsqueeze(-1), layer.bias)
+        return F.linear(h, layer.weight, layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         B, S, C = x.shape
-        if self.axis == "token":
-            h = x.transpose(1, 2) if self.idx_in is None else self._gather_in(x).view(B, C, S)
-        else:
-            h = x if self.idx_in is None else self._gather_in(x).view(B, S, C)
-        h = F.linear(h, self.fc1.weight, self.fc1.bias)
+        h = x if self.idx_in is None else permute_last(x.reshape(B, S * C), self.idx_in, self.inv_in).view(B, S, C)
+        h = self._linear(h, self.fc1)
         if self.fc2 is not None:
-            h = F.linear(self.act(h), self.fc2.weight, self.fc2.bias)
+            h = self._linear(self.act(h), self.fc2)
         if self.idx_out is not None:
             return permute_last(h.reshape(B, S * C), self.idx_out, self.inv_out).view(B, S, C)
-        return h.transpose(1, 2) if self.axis == "token" else h
+        return h
 
 
 def _refresh_after_load(module: MixingMlp, _incompatible: object) -> None:
