@@ -455,3 +455,14 @@ def test_param_groups_decay_sparse_values_like_masked_weights():
         for name, p in model.named_parameters():
             is_weight = name.endswith(("fc1.values", "fc2.values", "fc1.weight", "fc2.weight", "proj.weight"))
             assert (id(p) in decayed) == (is_weight or name == "head.weight"), (backend, name)
+
+
+def test_init_model_rebuilds_the_initial_weights(tmp_path):
+    from widesparse.train import init_model, load_run
+
+    # lr = 0: AdamW leaves every weight where it started, so the trained model is the initial one
+    summary = train(tiny_config(tmp_path, model="rp_mixer", lr=0.0, epochs=1, weight_decay=0.0))
+    trained, _ = load_run(summary["run_dir"])
+    init = init_model(summary["run_dir"])
+    for (name, a), b in zip(trained.state_dict().items(), init.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -257,20 +257,14 @@ def _cmd_cka(args: argparse.Namespace, extra: dict[str, Any]) -> int:
 def _cmd_spectra(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     from pathlib import Path
 
-    import torch
-
     from widesparse.models import create_model
     from widesparse.spectra import format_spectra, spectra_table
 
     if Path(args.target).is_dir():
-        from widesparse.train import load_run
+        from widesparse.train import init_model, load_run
 
-        trained, saved = load_run(args.target)
-        info = saved["dataset"]
-        torch.manual_seed(saved["config"]["seed"])  # the train loop seeds before building: the same init weights
-        kwargs = {"num_classes": info["num_classes"], "image_size": info["image_size"], "in_chans": info["in_chans"]}
-        init = create_model(saved["config"]["model"], **{**kwargs, **saved["model_kwargs"]})
-        rows = spectra_table(trained, reference=init, method=args.method)
+        trained, _ = load_run(args.target)
+        rows = spectra_table(trained, reference=init_model(args.target), method=args.method)
     else:
         rows = spectra_table(create_model(args.target, **extra), method=args.method)
     print(format_spectra(rows, title=args.target))

@@ -170,6 +170,7 @@ class _Trainer:
         self.test_px = Split(test_px.x.to(device), test_px.y.to(device))
         self.n = n = self.train_px.num_examples
         self.model_kwargs = resolve_model_kwargs(c, self.info)
+        torch.manual_seed(c.seed)  # again, right before the model: `init_model(run_dir)` rebuilds these weights
         self.model = create_model(c.model, **self.model_kwargs).to(device)
         self.forward: nn.Module = self.model
         if d.enabled:
@@ -384,8 +385,22 @@ def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {run_dir} is not a finished run folder of `widesparse train`")
     saved = json.loads(cfg_path.read_text())
-    info = saved["dataset"]
-    kwargs = {"num_classes": info["num_classes"], "image_size": info["image_size"], "in_chans": info["in_chans"]}
-    model = create_model(saved["config"]["model"], **{**kwargs, **saved["model_kwargs"]})
+    model = _model_of(saved)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.to(device).eval(), saved
+
+
+def init_model(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
+    """The model of a run folder as it was before training (the train loop seeds right before building it)."""
+    cfg_path = Path(run_dir) / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: {run_dir} is not a run folder of `widesparse train`")
+    saved = json.loads(cfg_path.read_text())
+    torch.manual_seed(saved["config"]["seed"])
+    return _model_of(saved).to(device).eval()
+
+
+def _model_of(saved: dict[str, Any]) -> nn.Module:
+    info = saved["dataset"]
+    kwargs = {"num_classes": info["num_classes"], "image_size": info["image_size"], "in_chans": info["in_chans"]}
+    return create_model(saved["config"]["model"], **{**kwargs, **saved["model_kwargs"]})
