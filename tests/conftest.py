@@ -46,6 +46,17 @@ def make_small(name: str, **extra: Any) -> torch.nn.Module:
     return model
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a test module of tiny tensors: on a busy 2-core machine two OpenMP threads spin
+    against other processes and make each small op up to 100x slower. Use with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=list_models())
 def model_name(request: pytest.FixtureRequest) -> str:
     return request.param

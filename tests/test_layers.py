@@ -20,13 +20,7 @@ F64 = torch.float64
 TOL = {"rtol": 0.0, "atol": 1e-12}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny float64 matrices: intra-op threads only add contention (100x slower on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --------------------------------------------------------------------------------------------------------------

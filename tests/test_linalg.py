@@ -37,13 +37,7 @@ TOL = {"rtol": 0.0, "atol": 1e-12}
 SHAPES = [(3, 5), (4, 6), (5, 3), (4, 4)]  # (S, C); rectangular both ways and one square
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny float64 matrices: intra-op threads only add contention (100x slower on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -24,13 +24,7 @@ from widesparse.layers.sparse import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small matrices: intra-op threads only add contention on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def twins(n_in: int, n_out: int, density: float, **kw) -> tuple[SparseLinear, MaskedLinear]:

@@ -16,12 +16,7 @@ from widesparse.models import create_model, list_models
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def images(batch: int = 3, size: int = 8, chans: int = 2, dtype: torch.dtype = F64) -> torch.Tensor:

@@ -27,13 +27,7 @@ from widesparse.theory import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread (two OpenMP threads on a busy shared CPU spin for ~15 ms per op)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _randn(*shape: int, seed: int) -> torch.Tensor:
