@@ -112,8 +112,9 @@ def _parse_bool(text: str) -> bool:
 
 def _caster(type_name: str) -> Any:
     """argparse ``type`` for a dataclass field annotation such as ``"int | None"``."""
+    parts = {part.strip() for part in str(type_name).split("|")}
     for name, cast in (("bool", _parse_bool), ("int", int), ("float", float)):
-        if name in str(type_name).replace("None", "").split(" | ") or str(type_name).startswith(name):
+        if name in parts:
             return cast
     return str
 
@@ -146,14 +147,7 @@ def _cmd_models(args: argparse.Namespace, extra: dict[str, Any]) -> int:
 def _cmd_describe(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     import torch
 
-    from widesparse.effective import (
-        DEFAULT_MAX_BYTES,
-        ModelTooLargeError,
-        dense_bytes,
-        describe,
-        format_report,
-        to_wide_mlp,
-    )
+    from widesparse.effective import ModelTooLargeError, check_materialisable, describe, format_report, to_wide_mlp
     from widesparse.models import create_model
 
     model = create_model(args.name, device="meta", **extra)
@@ -161,8 +155,7 @@ def _cmd_describe(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     if not args.check:
         return 0
     try:
-        if dense_bytes(model, torch.float64) > DEFAULT_MAX_BYTES:  # say so before allocating the real model
-            to_wide_mlp(model, dtype=torch.float64)
+        check_materialisable(model, torch.float64)  # on the meta model: say so before allocating the real one
         model = create_model(args.name, dtype=torch.float64, **extra).eval()
         wide = to_wide_mlp(model)
     except ModelTooLargeError as e:

@@ -27,6 +27,7 @@ __all__ = [
     "WideStep",
     "ModelTooLargeError",
     "to_wide_mlp",
+    "check_materialisable",
     "dense_bytes",
     "describe",
     "LayerReport",
@@ -119,6 +120,20 @@ def dense_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     return total
 
 
+def check_materialisable(model: nn.Module, dtype: torch.dtype, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    """Raise :class:`ModelTooLargeError`, stating the estimate, if the dense effective matrices exceed ``max_bytes``.
+
+    Needs only the layer shapes, so it works on a model built on the ``meta`` device.
+    """
+    need = dense_bytes(model, dtype)
+    if need > max_bytes:
+        n = len(_structured_layers(model))
+        raise ModelTooLargeError(
+            f"to_wide_mlp would materialise {n} dense effective matrices taking {_fmt_bytes(need)} in {dtype} "
+            f"(limit {_fmt_bytes(max_bytes)}); use describe() for widths and connections, or pass a larger max_bytes"
+        )
+
+
 def to_wide_mlp(model: nn.Module, dtype: torch.dtype | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> WideMLP:
     """The explicit wide MLP equal to ``model`` (a Mixer-family model) in eval mode.
 
@@ -131,13 +146,7 @@ def to_wide_mlp(model: nn.Module, dtype: torch.dtype | None = None, max_bytes: i
     if blocks is None or not all(hasattr(b, "mlp_tokens") and hasattr(b, "mlp_channels") for b in blocks):
         raise TypeError(f"to_wide_mlp needs a Mixer-family model (blocks of MixerBlock), got {type(model).__name__}")
     dtype = dtype or _model_dtype(model)
-    need = dense_bytes(model, dtype)
-    if need > max_bytes:
-        n = sum(1 for _ in _structured_layers(model))
-        raise ModelTooLargeError(
-            f"to_wide_mlp would materialise {n} dense effective matrices taking {_fmt_bytes(need)} in {dtype} "
-            f"(limit {_fmt_bytes(max_bytes)}); use describe() for widths and connections, or pass a larger max_bytes"
-        )
+    check_materialisable(model, dtype, max_bytes)
     S, C = model.num_tokens, model.dim
     steps = []
     for blk in blocks:
