@@ -6,6 +6,8 @@
     widesparse cka RUN_A [RUN_B | --self] --dataset digits [--batch-size 256 --passes 10]
     widesparse spectra NAME-or-RUN_DIR [--method auto] [--KWARG VALUE ...]
     widesparse train --model NAME --dataset digits [--epochs N ...] [--KWARG VALUE ...]
+    widesparse reproduce [E1 E2 ...] --scale tiny|small|paper [--data-dir DIR] [--backend local|ray] [--plan]
+    widesparse report OUT_DIR
 
 Unknown ``--key value`` options of ``describe``, ``spectra`` and ``train`` are model keyword arguments (``--dim 64``,
 ``--patch-size 2,4``, ``--act-layer relu``).
@@ -98,6 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(s)
     s.add_argument("--config", dest="config_file", default=None, help="YAML/TOML/JSON file of TrainConfig fields")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("reproduce", help="run the paper's experiments E1-E10 as a resumable sweep with a report")
+    s.add_argument("experiments", nargs="*", metavar="EXP", help="experiment ids (default: all), e.g. E1 E7")
+    s.add_argument("--scale", default="tiny", help="tiny (digits, CPU minutes), small, or paper (default tiny)")
+    s.add_argument("--data-dir", default=None, help="folder of the on-disk data sets (small and paper scales)")
+    s.add_argument("--dataset", default=None, help="override the scale's data set (e.g. fashion_mnist, cifar10)")
+    s.add_argument("--out", default=None, help="output folder (default reproduce-<scale>); rerun to resume")
+    s.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the scale's)")
+    s.add_argument("--epochs", type=int, default=None, help="override the scale's epochs")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default cpu)")
+    s.add_argument("--backend", default="local", choices=["local", "ray"])
+    s.add_argument("--workers", type=int, default=None,
+                   help="parallel runs (local: processes, default min(2, cores); ray: CPUs of a local instance)")
+    s.add_argument("--threads", type=int, default=None, help="torch threads per run (default cores / workers)")
+    s.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default a local instance")
+    s.add_argument("--plan", action="store_true", help="list the runs with sizes and estimates; run nothing")
+
+    s = sub.add_parser("report", help="rebuild tables, figures and report.md/html of a reproduce folder")
+    s.add_argument("out_dir", help="output folder of `widesparse reproduce`")
     return p
 
 
@@ -264,6 +285,35 @@ def _cmd_spectra(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    import os
+
+    from widesparse.experiments.reproduce import reproduce
+
+    workers = args.workers if args.workers is not None else max(1, min(2, os.cpu_count() or 1))
+    res = reproduce(
+        args.experiments or None, scale=args.scale, out=args.out, dataset=args.dataset, data_dir=args.data_dir,
+        seeds=args.seeds, epochs=args.epochs, device=args.device, backend=args.backend, workers=workers,
+        threads=args.threads, address=args.address, plan_only=args.plan,
+        command="widesparse " + " ".join(sys.argv[1:] if sys.argv and "widesparse" in sys.argv[0] else ["reproduce"]),
+    )
+    if args.plan:
+        print(res["plan"])
+        return 0
+    print(res["report"]["summary_md"])
+    print(f"report: {res['out']}/report.md and report.html; table: {res['out']}/results.csv")
+    return 1 if res["sweep"].failed else 0
+
+
+def _cmd_report(args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    from widesparse.experiments.report import build_report
+
+    rep = build_report(args.out_dir)
+    print(rep["summary_md"])
+    print(f"rebuilt {args.out_dir}/report.md, report.html, results.csv, aggregated.csv and figures/")
+    return 0
+
+
 _COMMANDS = {
     "models": _cmd_models,
     "describe": _cmd_describe,
@@ -271,6 +321,8 @@ _COMMANDS = {
     "plan": _cmd_plan,
     "spectra": _cmd_spectra,
     "train": _cmd_train,
+    "reproduce": _cmd_reproduce,
+    "report": _cmd_report,
 }
 
 

@@ -1,0 +1,208 @@
+"""The vocabulary of an experiment: runs, points, experiments, and the model points on a fixed-Ω curve.
+
+Floor 5. A :class:`Run` is one unit of work (train a model, CKA of two trained runs, spectra at init, a
+memory/time measurement) identified by a hash of its inputs, so that experiments asking for the same run share it
+and a finished run is never repeated. A :class:`Point` is one experiment's view of a run: the run plus the
+coordinates the experiment plots (series, S, C, γ, L, m, γm, p, Ω, seed, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from widesparse import budget
+
+__all__ = [
+    "KINDS", "Run", "Point", "Experiment", "register_experiment", "get_experiment", "list_experiments",
+    "tokens_for_patch", "patch_for_tokens", "reachable_tokens", "nearest_tokens", "mixer_point", "sw_point",
+    "train_run",
+]
+
+KINDS = ("train", "spectra", "memory", "cka")  # execution order: a cka run reads two finished train runs
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+@dataclass(frozen=True, eq=False)
+class Run:
+    """One unit of work: ``kind`` in :data:`KINDS` and its inputs ``params`` (JSON-able); ``needs`` are run ids."""
+
+    kind: str
+    params: dict[str, Any]
+    needs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown run kind {self.kind!r}; valid: {', '.join(KINDS)}")
+
+    @property
+    def id(self) -> str:
+        """``<kind>-<model>-<10 hex digits of the inputs' hash>``: equal inputs, equal id."""
+        digest = hashlib.sha1(_canonical([self.kind, self.params]).encode()).hexdigest()[:10]
+        model = self.params.get("model") or self.params.get("config", {}).get("model") or "pair"
+        return f"{self.kind}-{model}-{digest}"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Run) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One experiment's row: its :class:`Run` and the coordinates it is plotted at (``meta``)."""
+
+    experiment: str
+    run: Run
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An experiment of PAPER.md §5: how it expands at a scale, and the paper's finding it is checked against.
+
+    ``expand(settings)`` returns the points (``settings`` is this experiment's dict of the scale table in
+    :mod:`widesparse.experiments.scales`); ``choices`` are our decisions where the paper is silent, with reasons.
+    """
+
+    id: str
+    title: str
+    finding: str
+    paper_numbers: str
+    choices: tuple[str, ...]
+    expand: Callable[[dict[str, Any]], list[Point]]
+    x: str = "m"  # the main x coordinate, for the plan listing
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+_EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def register_experiment(exp: Experiment) -> Experiment:
+    if exp.id in _EXPERIMENTS:
+        raise ValueError(f"experiment {exp.id} registered twice")
+    _EXPERIMENTS[exp.id] = exp
+    return exp
+
+
+def list_experiments() -> list[str]:
+    from widesparse.experiments import catalog  # noqa: F401  (registers E1-E10)
+
+    return sorted(_EXPERIMENTS, key=lambda e: int(e[1:]))
+
+
+def get_experiment(name: str) -> Experiment:
+    valid = list_experiments()
+    key = name.upper()
+    if key not in _EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(valid)}")
+    return _EXPERIMENTS[key]
+
+
+# ------------------------------------------------------------------------------------------ token grids
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def tokens_for_patch(image_size: int, patch: int | tuple[int, int]) -> int:
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    return (image_size // ph) * (image_size // pw)
+
+
+def reachable_tokens(image_size: int) -> list[int]:
+    """Every token count S = (H/p_h)(W/p_w) that a (possibly non-square) patch tiling of the image reaches."""
+    divs = _divisors(image_size)
+    return sorted({(image_size // a) * (image_size // b) for a in divs for b in divs})
+
+
+def patch_for_tokens(image_size: int, S: int) -> int | tuple[int, int]:
+    """The squarest patch (an int when square) giving S tokens on ``image_size``² images (PAPER.md §6.1 item 4)."""
+    best = None
+    for ph in _divisors(image_size):
+        for pw in _divisors(image_size):
+            if (image_size // ph) * (image_size // pw) == S:
+                key = (abs(math.log(ph / pw)), -ph)
+                if best is None or key < best[0]:
+                    best = (key, (ph, pw))
+    if best is None:
+        raise ValueError(f"no patch tiling of {image_size}x{image_size} images gives S = {S} tokens; "
+                         f"reachable: {', '.join(map(str, reachable_tokens(image_size)))}")
+    ph, pw = best[1]
+    return ph if ph == pw else (ph, pw)
+
+
+def nearest_tokens(image_size: int, wanted: Sequence[float]) -> list[int]:
+    """For each wanted S the reachable token count nearest in log scale (duplicates removed, order kept)."""
+    reach = reachable_tokens(image_size)
+    out: list[int] = []
+    for w in wanted:
+        s = min(reach, key=lambda r: (abs(math.log(r / w)), -r))
+        if s not in out:
+            out.append(s)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ model points
+def train_run(recipe: dict[str, Any], model: str, model_kwargs: dict[str, Any], dataset: str, seed: int) -> Run:
+    """A training run: TrainConfig fields ``recipe`` plus model, data set, model kwargs and seed."""
+    config = {**recipe, "model": model, "dataset": dataset, "seed": int(seed), "model_kwargs": model_kwargs}
+    return Run("train", {"config": config})
+
+
+def mixer_point(S: int, omega: float | None, gamma: float, depth: int, image_size: int, *, C: int | None = None,
+                variant: str = "mixer") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Model kwargs and coordinates of a Mixer-family model with S tokens on the fixed-Ω curve (10).
+
+    C is solved from Ω (``budget.solve_channels``) and rounded to the nearest integer >= 1 unless given; the
+    coordinates hold the realized Ω, m = SC, γm and p. ``variant``: a registered Mixer-family name.
+    """
+    single = variant in ("s_mixer", "rp_s_mixer")  # one matrix per mixing step (PAPER.md (3)): γ = 1
+    if single:
+        gamma = 1.0
+    if C is None:
+        if omega is None:
+            raise ValueError("mixer_point: give omega (C is then solved from it) or C")
+        C = max(1, math.floor(budget.solve_channels(omega, gamma, S) + 0.5))
+    patch = patch_for_tokens(image_size, S)
+    kwargs: dict[str, Any] = {"patch_size": patch, "dim": int(C), "depth": int(depth)}
+    if single:
+        real = budget.mixer_omega(S, C, S, C)
+        per_block = 2.0 * real
+    else:
+        kwargs.update(token_expansion=float(gamma), channel_expansion=float(gamma))
+        real = budget.mixer_omega(S, C, max(1, round(gamma * S)), max(1, round(gamma * C)))
+        per_block = 4.0 * real
+    meta = {"S": S, "C": int(C), "gamma": float(gamma), "L": int(depth), "m": S * int(C),
+            "gamma_m": float(gamma) * S * int(C), "p": budget.density(S, C), "omega": real,
+            "omega_target": float(omega if omega is not None else real), "connections": per_block * depth,
+            "series": variant}
+    return kwargs, meta
+
+
+def sw_point(p: float, omega: float, gamma: float, depth: int, image_size: int, S: int,
+             *, backend: str = "sparse") -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Model name, kwargs and coordinates of an SW-MLP of density p at budget Ω: m = √(Ω/(γp)), a multiple of S.
+
+    p = 1 is the dense MLP (model ``mlp``). The realized Ω = pγm² is recorded.
+    """
+    m_real = budget.sw_mlp_width(omega, gamma, p)
+    C = max(1, round(m_real / S))
+    m = S * C
+    kwargs = {"patch_size": patch_for_tokens(image_size, S), "width": m, "gamma": float(gamma), "depth": int(depth)}
+    if p < 1:
+        kwargs["density"] = float(p)
+        if backend != "sparse":
+            kwargs["backend"] = backend
+    real = p * gamma * m * m
+    meta = {"S": S, "C": C, "gamma": float(gamma), "L": int(depth), "m": m, "gamma_m": float(gamma) * m,
+            "p": float(p), "omega": real, "omega_target": float(omega), "connections": 4.0 * depth * real,
+            "series": "mlp" if p == 1 else "sw_mlp"}
+    return ("mlp" if p == 1 else "sw_mlp"), kwargs, meta

@@ -1,0 +1,139 @@
+"""Execute one :class:`~widesparse.experiments.specs.Run` in its folder and write ``result.json`` atomically.
+
+Floor 5: uses the engine (:func:`widesparse.train.train`), CKA, spectra and profiling. A run folder is
+``OUT/runs/<run id>``; ``result.json`` appears only when the run finished, so its presence is what "done" means. A
+training run interrupted mid-way resumes from its ``checkpoint.pt`` (exactly: the engine's resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import platform
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RESULT", "ERROR", "execute", "is_done", "read_result"]
+
+RESULT = "result.json"
+ERROR = "error.json"
+
+
+def is_done(run_dir: Path) -> bool:
+    return (run_dir / RESULT).is_file()
+
+
+def read_result(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / RESULT).read_text())
+
+
+def _tuples(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+def _train(params: dict[str, Any], run_dir: Path, threads: int | None) -> dict[str, Any]:
+    from widesparse.train import CHECKPOINT, train
+    from widesparse.train_config import TrainConfig
+
+    cfg = dict(params["config"])
+    cfg["model_kwargs"] = _tuples(cfg["model_kwargs"])
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file() and (run_dir / "model.pt").is_file():  # trained; only result.json was missing
+        summary = json.loads(summary_path.read_text())
+    else:
+        resume = str(run_dir) if (run_dir / CHECKPOINT).is_file() else None
+        if resume is None and run_dir.exists():
+            shutil.rmtree(run_dir)  # died before its first checkpoint: start over
+        config = TrainConfig(**cfg, out_dir=str(run_dir.parent), run_name=run_dir.name, progress=False,
+                             num_threads=threads, resume=resume)
+        with io.StringIO() as buf, contextlib.redirect_stdout(buf):  # the engine's summary line: keep sweeps quiet
+            summary = train(config)
+    keys = ("test_acc", "test_err", "test_loss", "train_acc", "train_loss", "best_test_acc", "params", "epochs",
+            "seconds", "train_seconds", "images_per_s")
+    return {k: summary.get(k) for k in keys}
+
+
+def _cka(params: dict[str, Any], run_dir: Path, threads: int | None) -> dict[str, Any]:
+    import torch
+
+    from widesparse.cka import run_comparison
+    from widesparse.data import load_dataset
+    from widesparse.train import load_run
+
+    runs = run_dir.parent
+    model_a, _ = load_run(runs / params["a"])
+    model_b, _ = load_run(runs / params["b"])
+    _, test, _ = load_dataset(params["dataset"], data_dir=params.get("data_dir"), seed=params["seed"])
+    if threads:
+        torch.set_num_threads(threads)
+    s = run_comparison(model_a, model_b, test.x, run_dir, batch_size=params["batch_size"], passes=params["passes"],
+                       seed=params["seed"], progress=False)
+    acc = {k: json.loads((runs / params[k] / "summary.json").read_text())["test_acc"] for k in ("a", "b")}
+    return {"diag_mean": s["diag_mean"], "num_examples": s["num_examples"], "test_acc_a": acc["a"],
+            "test_acc_b": acc["b"], "layers_a": s["names_a"], "layers_b": s["names_b"]}
+
+
+def _spectra(params: dict[str, Any], run_dir: Path, threads: int | None) -> dict[str, Any]:
+    import torch
+
+    from widesparse.models import create_model
+    from widesparse.spectra import spectra_table
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(params["seed"])
+    model = create_model(params["model"], seed=params["seed"], **_tuples(params["model_kwargs"]))
+    rows = spectra_table(model)
+    expanding = [r for r in rows if r.out_features > r.in_features] or rows
+    return {
+        "sigma_max": sum(r.sigma_max for r in expanding) / len(expanding),
+        "sigma_max_all": max(r.sigma_max for r in rows),
+        "mp_edge": expanding[0].mp_edge,
+        "layers": [r.to_dict() for r in rows],
+    }
+
+
+def _memory(params: dict[str, Any], run_dir: Path, threads: int | None) -> dict[str, Any]:
+    from widesparse import profiling
+
+    kw = {k: params[k] for k in ("batch_size", "image_size", "in_chans", "num_classes", "steps", "device")}
+    return profiling.measure_step(params["model"], _tuples(params["model_kwargs"]), **kw)
+
+
+_TASKS = {"train": _train, "cka": _cka, "spectra": _spectra, "memory": _memory}
+
+
+def execute(run: dict[str, Any], out_dir: str, threads: int | None = None) -> dict[str, Any]:
+    """Run ``run`` (``{"id", "kind", "params"}``) under ``out_dir/runs``; returns ``{"id", "ok", "seconds", ...}``.
+
+    Never raises for a failing run: the error and traceback go to ``error.json`` in the run folder and the
+    returned dict has ``ok=False`` (a sweep goes on; the report lists the failed runs).
+    """
+    from widesparse.checkpoint import write_json
+
+    run_dir = Path(out_dir) / "runs" / run["id"]
+    if is_done(run_dir):
+        return {"id": run["id"], "ok": True, "cached": True, "seconds": 0.0}
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        result = _TASKS[run["kind"]](run["params"], run_dir, threads)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001  (recorded, not swallowed: error.json + the report)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        err = {"id": run["id"], "kind": run["kind"], "error": f"{type(e).__name__}: {e}",
+               "traceback": traceback.format_exc()}
+        write_json(run_dir / ERROR, err)
+        return {"id": run["id"], "ok": False, "error": err["error"], "seconds": time.perf_counter() - t0}
+    seconds = time.perf_counter() - t0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ERROR).unlink(missing_ok=True)
+    record = {"id": run["id"], "kind": run["kind"], "params": run["params"], "result": result,
+              "wall_seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node()}
+    write_json(run_dir / RESULT, record)
+    return {"id": run["id"], "ok": True, "cached": False, "seconds": seconds}
