@@ -21,6 +21,7 @@ from widesparse.experiments.specs import (
     nearest_tokens,
     patch_for_tokens,
     register_experiment,
+    sw_backend,
     sw_point,
     train_run,
 )
@@ -90,7 +91,7 @@ def _e1(s: dict[str, Any]) -> list[Point]:
                         continue
                     name = "mlp" if p == 1 else "sw_mlp"
                     kw = {"patch_size": mkw["patch_size"], "width": S * side, "gamma": float(s["gamma"]),
-                          "depth": s["depth"], **({"density": float(p)} if p < 1 else {})}
+                          "depth": s["depth"], **({"density": float(p), **sw_backend(p)} if p < 1 else {})}
                     b = train_run(s["recipe"], name, kw, ds, seed)
                     cka = Run("cka", {"a": a.id, "b": b.id, "dataset": ds, "batch_size": s["cka_batch"],
                                       "passes": s["cka_passes"], "seed": seed, "data_dir": s["recipe"].get("data_dir")},

@@ -50,6 +50,10 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
+def _params(stats: dict[Any, tuple[float, float, int]], key: Any) -> str:
+    return f" ({stats[key][0]:,.0f} parameters)" if key in stats else ""
+
+
 def _rho(xs: Sequence[float], ys: Sequence[float]) -> float:
     if len(xs) < 3:
         return float("nan")
@@ -175,8 +179,11 @@ def _e7(rows: Sequence[Row]) -> Verdict:
             ends = [d[min(d)], d[max(d)]]
             valley = all(e[0] - d[best][0] > _noise(e, d[best]) for e in ends)
             ok.append(abs(best) <= 1.0 and valley)
-            parts.append(f"{ds} {v}: lowest error {_pct(d[best][0])} at log2(S/C) = {best:.2f}; ends "
-                         f"{_pct(ends[0][0])} / {_pct(ends[1][0])}")
+            pm = mean_by(rows, "log2_S_over_C", "params", series=v, dataset=ds)
+            near = min(d, key=abs)
+            parts.append(f"{ds} {v}: lowest error {_pct(d[best][0])} at log2(S/C) = {best:.2f}{_params(pm, best)}, "
+                         f"{_pct(d[near][0])} nearest S = C{_params(pm, near)}; ends {_pct(ends[0][0])} / "
+                         f"{_pct(ends[1][0])}")
     if not ok:
         return Verdict("incomplete", "fewer than 3 shapes done per series")
     status = "agrees" if all(ok) else "partly" if any(ok) else "disagrees"
@@ -205,8 +212,9 @@ def _e9(rows: Sequence[Row]) -> Verdict:
     if len(d) < 2:
         return Verdict("incomplete", f"{len(d)} of 2 models done")
     narrow, wide = d[min(d)], d[max(d)]
-    ours = (f"S = {min(d)}: {_pct(narrow[0])} ± {_pct(narrow[1])}; S = {max(d)} (wider m at equal connections): "
-            f"{_pct(wide[0])} ± {_pct(wide[1])}")
+    pm = mean_by(rows, "S", "params")
+    ours = (f"S = {min(d)}: {_pct(narrow[0])} ± {_pct(narrow[1])}{_params(pm, min(d))}; S = {max(d)} (wider m at "
+            f"equal connections): {_pct(wide[0])} ± {_pct(wide[1])}{_params(pm, max(d))}")
     gain = narrow[0] - wide[0]
     if abs(gain) <= _noise(narrow, wide):
         return Verdict("inconclusive", ours, "difference within the seeds' spread")

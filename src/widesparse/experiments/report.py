@@ -197,8 +197,11 @@ def build_report(out_dir: str | Path, log: Any = None) -> dict[str, Any]:
                    ("p", f"Paper: {x.finding} Numbers: {x.paper_numbers}."),
                    ("p", f"Ours: {v.ours}."), ("p", f"Verdict: {v.status} (criterion: {v.detail})." if v.detail
                                                  else f"Verdict: {v.status}.")]
-        for path in figures.draw(e, rows, out / "figures"):
-            blocks.append(("img", str(path.relative_to(out)), f"{e} figure"))
+        try:
+            for path in figures.draw(e, rows, out / "figures"):
+                blocks.append(("img", str(path.relative_to(out)), f"{e} figure"))
+        except ImportError:
+            blocks.append(("p", "(No figure: matplotlib is not installed; pip install 'widesparse[plot]'.)"))
         mine = [a for a in agg if a.get("experiment") == e and (e != "E1" or a.get("role") == "cka")]
         if mine:
             blocks.append(_agg_table(e, mine))

@@ -19,7 +19,8 @@ from widesparse import budget
 
 __all__ = [
     "KINDS", "Run", "Point", "Experiment", "register_experiment", "get_experiment", "list_experiments",
-    "tokens_for_patch", "patch_for_tokens", "reachable_tokens", "nearest_tokens", "mixer_point", "sw_point",
+    "tokens_for_patch", "patch_for_tokens", "sw_backend", "reachable_tokens", "nearest_tokens", "mixer_point",
+    "sw_point",
     "train_run",
 ]
 
@@ -187,6 +188,12 @@ def mixer_point(S: int, omega: float | None, gamma: float, depth: int, image_siz
     return kwargs, meta
 
 
+def sw_backend(p: float, backend: str = "sparse") -> dict[str, str]:
+    """The SW-MLP storage for density p: CSR (the default) below 1/2, the masked dense weight from 1/2 on, where
+    the sparse kernels are slower than a dense matmul (same mask, same numbers: only the speed differs)."""
+    return {"backend": "masked"} if p >= 0.5 or backend == "masked" else {}
+
+
 def sw_point(p: float, omega: float, gamma: float, depth: int, image_size: int, S: int,
              *, backend: str = "sparse") -> tuple[str, dict[str, Any], dict[str, Any]]:
     """Model name, kwargs and coordinates of an SW-MLP of density p at budget Ω: m = √(Ω/(γp)), a multiple of S.
@@ -199,8 +206,7 @@ def sw_point(p: float, omega: float, gamma: float, depth: int, image_size: int, 
     kwargs = {"patch_size": patch_for_tokens(image_size, S), "width": m, "gamma": float(gamma), "depth": int(depth)}
     if p < 1:
         kwargs["density"] = float(p)
-        if backend != "sparse":
-            kwargs["backend"] = backend
+        kwargs.update(sw_backend(p, backend))
     real = p * gamma * m * m
     meta = {"S": S, "C": C, "gamma": float(gamma), "L": int(depth), "m": m, "gamma_m": float(gamma) * m,
             "p": float(p), "omega": real, "omega_target": float(omega), "connections": 4.0 * depth * real,
