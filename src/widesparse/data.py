@@ -38,6 +38,7 @@ __all__ = [
     "Split",
     "download_dataset",
     "get_dataset_info",
+    "image_folder_splits",
     "iterate_batches",
     "list_datasets",
     "load_dataset",
@@ -268,14 +269,31 @@ def _load_from_disk(info: DatasetInfo, root: Path) -> _RawSplits:
     return raw
 
 
-def _load_image_folder(info: DatasetInfo, root: Path, image_size: int) -> tuple[_RawSplits, DatasetInfo]:
+def image_folder_splits(
+    data_dir: str | os.PathLike[str] | None, image_size: int | None = None
+) -> tuple[readers.ImageFolderIndex, readers.ImageFolderIndex, DatasetInfo]:
+    """The ``train/`` and ``val/`` (or ``test/``) indexes of an image folder, without decoding, and its info.
+
+    ``info`` carries the folder's class count, ``image_size`` (default 224) and the largest patch size up to 16
+    dividing it. The streaming loader (:mod:`widesparse.loader`) decodes from these indexes.
+    """
+    info = get_dataset_info("imagefolder")
+    root = _data_root(info, data_dir)
+    size = info.image_size if image_size is None else int(image_size)
+    if size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
     train = readers.ImageFolderIndex(root / "train")
     val_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), root / "val")
     val = readers.ImageFolderIndex(val_dir, classes=train.classes)
-    raw = _RawSplits(*readers.read_image_folder(train, image_size), *readers.read_image_folder(val, image_size))
-    patch = max(p for p in range(1, min(16, image_size) + 1) if image_size % p == 0)
-    info = dataclasses.replace(info, image_size=image_size, num_classes=len(train.classes), default_patch_size=patch)
-    return raw, info
+    patch = max(p for p in range(1, min(16, size) + 1) if size % p == 0)
+    info = dataclasses.replace(info, image_size=size, num_classes=len(train.classes), default_patch_size=patch)
+    return train, val, info
+
+
+def _load_image_folder(root: Path, image_size: int | None) -> tuple[_RawSplits, DatasetInfo]:
+    train, val, info = image_folder_splits(root, image_size)
+    size = info.image_size
+    return _RawSplits(*readers.read_image_folder(train, size), *readers.read_image_folder(val, size)), info
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -335,9 +353,7 @@ def load_pixels(
     if name == "digits":
         raw = _load_digits(int(seed), float(test_fraction))
     elif name == "imagefolder":
-        if image_size is not None and image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {image_size}")
-        raw, info = _load_image_folder(info, root, image_size or info.image_size)  # type: ignore[arg-type]
+        raw, info = _load_image_folder(root, image_size)  # type: ignore[arg-type]
     else:
         raw = _load_from_disk(info, root)  # type: ignore[arg-type]
 

@@ -289,7 +289,8 @@ def read_image_folder(
     if need > max_bytes:
         raise MemoryError(
             f"{index.root}: {n} images at {size}x{size} need {need / 2**30:.1f} GiB in memory, more than the "
-            f"{max_bytes / 2**30:.1f} GiB allowed; use a smaller image_size (a streaming loader is not built yet)"
+            f"{max_bytes / 2**30:.1f} GiB allowed; stream the folder instead (TrainConfig.stream=True, "
+            "--stream true) or use a smaller image_size"
         )
     out = np.empty((n, 3, size, size), dtype=np.uint8)
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:

@@ -1,12 +1,13 @@
 """The pieces of the training recipe: AdamW parameter groups, the warmup-cosine schedule, autocast, evaluation.
 
-Floor 4 (beside :mod:`widesparse.train`, which re-exports these names); imports only :mod:`widesparse.data`.
+Floor 4 (beside :mod:`widesparse.train`, which re-exports these names); imports :mod:`widesparse.data` and the
+``StructuredLinear`` base (for the decay groups).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from widesparse.data import Split, iterate_batches
 from widesparse.layers import StructuredLinear
 
-__all__ = ["autocast", "eval_sums", "evaluate", "param_groups", "warmup_cosine"]
+__all__ = ["autocast", "eval_sums", "eval_sums_batches", "evaluate", "param_groups", "warmup_cosine"]
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -59,14 +60,30 @@ def eval_sums(
 ) -> Tensor:
     """Summed cross-entropy (no smoothing), number correct and number of examples of ``model`` on ``data``
     (eval mode), as one float64 tensor of 3 (summable over shards). ``transform`` maps each input batch first."""
+    batches = iterate_batches(data.x, data.y, max(batch_size, 256))
+    return eval_sums_batches(model, batches, data.y.device, transform, precision)
+
+
+@torch.no_grad()
+def eval_sums_batches(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    device: torch.device,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    precision: str = "fp32",
+) -> Tensor:
+    """:func:`eval_sums` over any iterable of ``(x, y)`` batches (e.g. a streaming loader's): summed loss,
+    number correct, number of examples, as one float64 tensor of 3 on ``device``."""
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=data.y.device)
-    for xb, yb in iterate_batches(data.x, data.y, max(batch_size, 256)):
-        with autocast(data.x.device, precision):
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for xb, yb in batches:
+        if not len(yb):
+            continue
+        with autocast(device, precision):
             logits = model(transform(xb) if transform is not None else xb)
         sums[0] += F.cross_entropy(logits.float(), yb, reduction="sum").double()
         sums[1] += (logits.argmax(dim=1) == yb).sum()
-    sums[2] = data.num_examples
+        sums[2] += len(yb)
     return sums
 
 

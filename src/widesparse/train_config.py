@@ -1,8 +1,8 @@
 """The run configuration of the training engine: one dataclass, settable from code, the CLI and files.
 
-Floor 4 (beside :mod:`widesparse.train`); imports nothing from ``widesparse``. Every field is a CLI option
-``--field-name value`` (the CLI builds them from :func:`dataclasses.fields`); ``--config FILE`` reads a
-``.toml``, ``.yaml``/``.yml`` or ``.json`` file of fields (or a run folder's ``config.json``).
+Floor 4 (beside :mod:`widesparse.train`); imports only the crop names of :mod:`widesparse.loader`. Every field
+is a CLI option ``--field-name value`` (the CLI builds them from :func:`dataclasses.fields`); ``--config FILE``
+reads a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file of fields (or a run folder's ``config.json``).
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from widesparse.loader import TRAIN_CROPS
+
 __all__ = ["PRECISIONS", "RESUME_OVERRIDABLE", "TrainConfig"]
 
 PRECISIONS = ("fp32", "bf16")
 # Fields a resumed run takes from the caller; every other field comes from the checkpoint.
-RESUME_OVERRIDABLE = ("resume", "progress", "num_threads", "device", "tensorboard")
+RESUME_OVERRIDABLE = ("resume", "progress", "num_threads", "device", "tensorboard", "num_workers")
 
 
 @dataclass
@@ -36,6 +38,16 @@ class TrainConfig:
     installed. ``resume``: a run folder to continue; its saved config wins except for
     ``RESUME_OVERRIDABLE`` fields. ``batch_size`` is the global batch: under ``torchrun`` each of the N
     processes takes ``batch_size / N`` of it. ``compile``: wrap the model in ``torch.compile``.
+
+    Streaming (``imagefolder`` only): ``stream=None`` streams a folder whose decoded images would exceed
+    ``widesparse.train_data.STREAM_ABOVE_BYTES`` (4 GiB), ``True`` always, ``False`` never (decode it all into
+    memory once). ``num_workers``: decoding processes per training process (``None``: the CPUs available,
+    at most 8; ``0``: decode in the training process). ``train_crop``: the streamed training crop,
+    ``"random_resized"`` (Inception crop) or ``"resize_random"`` (shorter side to size / 0.875, random
+    square); with a flip. ``final_train_eval``: measure the final train accuracy on the whole train split in
+    eval mode (``None``: unless streaming, where the last epoch's running accuracy is reported instead).
+    ``channels_last``: feed a convolutional patch embedding ``channels_last`` input (``None``: on CUDA when the
+    model has one).
     """
 
     model: str = "mixer"
@@ -62,6 +74,11 @@ class TrainConfig:
     download: bool = False
     tensorboard: bool | None = None
     resume: str | None = None
+    stream: bool | None = None
+    num_workers: int | None = None
+    train_crop: str = "random_resized"
+    final_train_eval: bool | None = None
+    channels_last: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,3 +128,7 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be > 0 (or None for no clipping), got {self.grad_clip}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
+        if self.train_crop not in TRAIN_CROPS:
+            raise ValueError(f"unknown train_crop {self.train_crop!r}; valid: {', '.join(TRAIN_CROPS)}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (or None for automatic), got {self.num_workers}")
