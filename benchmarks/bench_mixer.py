@@ -8,7 +8,9 @@ background load hits every model alike. MFU is reported against the matmul peak 
     python benchmarks/bench_mixer.py [--quick] [--precision fp32,bf16] [--timm-python PATH]
 
 ``--timm-python`` points at the interpreter of a separate environment with timm (timm needs torchvision, which
-does not import beside the CPU torch wheel): ``pip install torch==2.14.1 torchvision==0.29.1 timm``.
+does not import beside the CPU torch wheel): ``pip install torch==2.14.1 torchvision==0.29.1 timm``. timm's
+model then runs in that interpreter as a child process that takes one step per request, interleaved with ours
+in every round (its torch version differs: the ratio compares stacks, not only models).
 """
 
 from __future__ import annotations
@@ -76,14 +78,17 @@ def build_models(names: list[str]) -> dict[str, nn.Module]:
     return models
 
 
-def time_steps(models: dict[str, nn.Module], precision: str, reps: int, warmup: int = 2) -> dict[str, float]:
-    """Best seconds per training step of each model, steps interleaved across models."""
+def time_steps(models: dict[str, nn.Module], precision: str, reps: int, warmup: int = 2,
+               timm: TimmStepper | None = None) -> dict[str, float]:
+    """Best seconds per training step of each model, steps interleaved across models (and timm's child)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(WORKLOAD["batch"], 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (WORKLOAD["batch"],), generator=g)
     opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-3) for n, m in models.items()}
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
     best = {n: float("inf") for n in models}
+    if timm is not None:
+        best["timm"] = float("inf")
     for i in range(warmup + reps):
         for n, m in models.items():
             t = time.perf_counter()
@@ -95,38 +100,60 @@ def time_steps(models: dict[str, nn.Module], precision: str, reps: int, warmup: 
             dt = time.perf_counter() - t
             if i >= warmup:
                 best[n] = min(best[n], dt)
+        if timm is not None:
+            dt = timm.step()
+            if i >= warmup:
+                best["timm"] = min(best["timm"], dt)
     return best
 
 
-def timm_steps(python: str, precision: str, reps: int) -> float | None:
-    """Best step time of timm's MlpMixer with the same widths, run in another interpreter (or None)."""
-    code = f"""
-import time, torch, timm
+_TIMM_CHILD = """
+import sys, time, torch, timm
 from torch import nn
 from contextlib import nullcontext
-torch.set_num_threads({torch.get_num_threads()})
+threads, params, precision = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+torch.set_num_threads(threads)
+torch.manual_seed(0)
 m = timm.models.mlp_mixer.MlpMixer(num_classes=10, img_size=32, in_chans=3, patch_size=4, num_blocks=8,
                                    embed_dim=128, mlp_ratio=(0.5, 4.0))
-assert sum(p.numel() for p in m.parameters()) == {PARAMS}, sum(p.numel() for p in m.parameters())
+n = sum(p.numel() for p in m.parameters())
+assert n == params, f"timm MlpMixer has {n} parameters, expected {params}"
 g = torch.Generator().manual_seed(0)
 x = torch.randn(128, 3, 32, 32, generator=g); y = torch.randint(0, 10, (128,), generator=g)
 opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if "{precision}" == "bf16" else nullcontext
-best = 1e9
-for i in range({reps} + 2):
+ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+print("ready " + torch.__version__ + " timm " + timm.__version__, flush=True)
+for line in sys.stdin:
     t = time.perf_counter()
     with ctx():
         loss = nn.functional.cross_entropy(m(x), y)
     opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-    if i >= 2: best = min(best, time.perf_counter() - t)
-print(best)
+    print(time.perf_counter() - t, flush=True)
 """
-    try:
-        out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True, timeout=1800)
-    except (OSError, subprocess.SubprocessError) as e:
-        print(f"timm run failed: {e}", file=sys.stderr)
-        return None
-    return float(out.stdout.strip().splitlines()[-1])
+
+
+class TimmStepper:
+    """timm's MlpMixer (same widths, 1,132,170 parameters) in another interpreter, stepped on request, so its
+    steps interleave with ours (timm needs torchvision, which does not import beside the CPU torch wheel)."""
+
+    def __init__(self, python: str, precision: str) -> None:
+        self.proc = subprocess.Popen([python, "-c", _TIMM_CHILD, str(torch.get_num_threads()), str(PARAMS),
+                                      precision], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().strip()  # type: ignore[union-attr]
+        if not line.startswith("ready"):
+            self.close()
+            raise RuntimeError(f"timm child did not start (exit {self.proc.poll()}): {line!r}")
+        self.version = line.removeprefix("ready ")
+
+    def step(self) -> float:
+        self.proc.stdin.write("step\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        return float(self.proc.stdout.readline())  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -154,11 +181,18 @@ def main(argv: list[str] | None = None) -> dict:
                     "matmul_peak_gflops": peaks, "runs": {}}
     for prec in args.precision.split(","):
         torch.manual_seed(0)
-        best = time_steps(build_models(names), prec, reps)
+        timm = None
         if args.timm_python:
-            t = timm_steps(args.timm_python, prec, reps)
-            if t is not None:
-                best["timm"] = t
+            try:
+                timm = TimmStepper(args.timm_python, prec)
+                result["timm"] = timm.version
+            except (OSError, RuntimeError) as e:
+                print(f"timm skipped: {e}", file=sys.stderr)
+        try:
+            best = time_steps(build_models(names), prec, reps, timm=timm)
+        finally:
+            if timm is not None:
+                timm.close()
         runs = {n: {"step_s": t, "images_per_s": WORKLOAD["batch"] / t, "mfu": flops / t / 1e9 / peaks[prec]}
                 for n, t in best.items()}
         ours = best["widesparse_mixer"]

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from widesparse.layers.sparse import MaskedLinear, SparseLinear
+from widesparse.profiling import reset_peak_rss, status_bytes, trim_heap
 
 ROOT = Path(__file__).resolve().parents[1]
 MASKED_BYTES_PER_WEIGHT = 21  # weight 4 + grad 4 + AdamW state 8 + bool mask 1 + masked product saved for backward 4
@@ -42,15 +42,10 @@ GIB = 2**30
 
 # --------------------------------------------------------------------------------------------- measuring
 def _status_kib(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+    return status_bytes(key) // 1024
 
 
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+_reset_peak = reset_peak_rss
 
 
 def build(backend: str, m: int, gamma: int, p: float, dtype: torch.dtype = torch.float32,
@@ -88,14 +83,7 @@ def inputs(m: int, batch: int, device: str = "cpu") -> tuple[torch.Tensor, torch
     return x, torch.randn(batch, m, generator=g).to(device)
 
 
-def _trim() -> None:
-    """Hand freed heap memory back to the OS (glibc), so that build temporaries do not stay in the RSS."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+_trim = trim_heap
 
 
 def child_memory(backend: str, m: int, gamma: int, p: float, batch: int, steps: int, device: str) -> dict[str, Any]:

@@ -79,10 +79,25 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, dim, self.patch_size, self.patch_size, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _check(self, x: Tensor) -> None:
         if x.shape[-2:] != self.image_size:
             raise ValueError(f"input image size {tuple(x.shape[-2:])} != model image_size {self.image_size}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
         return self.proj(x).flatten(2).transpose(1, 2)
+
+    def forward_sbc(self, x: Tensor) -> Tensor:
+        """The same embedding in the token-major layout ``(S, B, C)`` (contiguous), the fast path of the Mixer.
+
+        The patches are cut into ``(S, B, in_chans * p_h * p_w)`` (one copy of the images) and embedded by one
+        matrix product: measured faster than the strided convolution and its transposed output copy.
+        """
+        self._check(x)
+        B, K = x.shape[0], x.shape[1]
+        (gh, gw), (ph, pw) = self.grid_size, self.patch_size
+        patches = x.reshape(B, K, gh, ph, gw, pw).permute(2, 4, 0, 1, 3, 5).reshape(gh * gw, B, K * ph * pw)
+        return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 
 class DropPath(nn.Module):
@@ -92,11 +107,14 @@ class DropPath(nn.Module):
         super().__init__()
         self.p, self.rescale = float(p), rescale
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, batch_dim: int = 0) -> Tensor:
+        """Drop whole examples along ``batch_dim`` (1 in the ``(S, B, C)`` layout; same random draws)."""
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        shape = [1] * x.ndim
+        shape[batch_dim] = x.shape[batch_dim]
+        mask = x.new_empty(shape).bernoulli_(keep)
         return x * mask / keep if self.rescale else x * mask
 
     def extra_repr(self) -> str:
@@ -190,6 +208,35 @@ class MixingMlp(nn.Module):
             return permute_last(h.reshape(B, S * C), self.idx_out, self.inv_out).view(B, S, C)
         return h
 
+    def _linear_sbc(self, h: Tensor, layer: PermutedKronLinear) -> Tensor:
+        if self.axis == "token":  # W @ X for all examples at once: one GEMM on the (S, B*C) view, bias fused
+            S, B, C = h.shape
+            w = layer.weight
+            flat = h.reshape(S, B * C)
+            out = w @ flat if layer.bias is None else torch.addmm(layer.bias.unsqueeze(-1), w, flat)
+            return out.view(w.shape[0], B, C)
+        return F.linear(h, layer.weight, layer.bias)
+
+    def forward_sbc(self, x: Tensor) -> Tensor:
+        """:meth:`forward` on the token-major layout ``(S, B, C)``: the same values, no transposed copies.
+
+        Token mixing becomes a single ``(D_S, S) @ (S, B*C)`` matrix product and channel mixing stays a
+        ``(S*B, C) @ (C, D_C)`` one; the RP gathers act per example on row-major ``(S, C)`` storage.
+        """
+        h = x if self.idx_in is None else _permute_sbc(x, self.idx_in, self.inv_in)
+        h = self._linear_sbc(h, self.fc1)
+        if self.fc2 is not None:
+            h = self._linear_sbc(self.act(h), self.fc2)
+        return h if self.idx_out is None else _permute_sbc(h, self.idx_out, self.inv_out)
+
+
+def _permute_sbc(x: Tensor, idx: Tensor, inv: Tensor | None) -> Tensor:
+    """Per-example gather of row-major ``(S, C)`` positions on an ``(S, B, C)`` tensor (fastest measured route:
+    one transposed copy in, the broadcast gather, one transposed copy out)."""
+    S, B, C = x.shape
+    y = permute_last(x.transpose(0, 1).reshape(B, S * C), idx, inv)
+    return y.view(B, S, C).transpose(0, 1).contiguous()
+
 
 def _refresh_after_load(module: MixingMlp, _incompatible: object) -> None:
     module.refresh_gather_indices()
@@ -230,11 +277,13 @@ class MixerBlock(nn.Module):
         self.act = act_layer() if outer_act else None
         self.drop_path = DropPath(drop_path, drop_path_rescale) if drop_path > 0 else nn.Identity()
 
-    def _step(self, x: Tensor, norm: nn.Module, mlp: MixingMlp) -> Tensor:
+    def _step(self, x: Tensor, norm: nn.Module, mlp: Callable[[Tensor], Tensor], batch_dim: int = 0) -> Tensor:
         y = mlp(norm(x))
         if self.act is not None:
             y = self.act(y)
-        return x + self.drop_path(y) if self.residual else y
+        if not self.residual:
+            return y
+        return x + (self.drop_path(y, batch_dim) if isinstance(self.drop_path, DropPath) else y)
 
     def forward_token(self, x: Tensor) -> Tensor:
         """Token-mixing sublayer (its output is one intermediate feature)."""
@@ -246,6 +295,11 @@ class MixerBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_channel(self.forward_token(x))
+
+    def forward_sbc(self, x: Tensor) -> Tensor:
+        """:meth:`forward` on the token-major layout ``(S, B, C)`` (LayerNorm is over ``C`` in both layouts)."""
+        x = self._step(x, self.norm1, self.mlp_tokens.forward_sbc, 1)
+        return self._step(x, self.norm2, self.mlp_channels.forward_sbc, 1)
 
 
 def lecun_normal_(t: Tensor) -> Tensor:
