@@ -8,6 +8,7 @@
     widesparse train --model NAME --dataset digits [--epochs N ...] [--KWARG VALUE ...]
     widesparse reproduce [E1 E2 ...] --scale tiny|small|paper [--data-dir DIR] [--backend local|ray] [--plan]
     widesparse report OUT_DIR
+    widesparse bench [--quick] [--only NAME] [--list]   (runs benchmarks/run_all.py of a source checkout)
 
 Unknown ``--key value`` options of ``describe``, ``spectra`` and ``train`` are model keyword arguments (``--dim 64``,
 ``--patch-size 2,4``, ``--act-layer relu``).
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("report", help="rebuild tables, figures and report.md/html of a reproduce folder")
     s.add_argument("out_dir", help="output folder of `widesparse reproduce`")
+
+    sub.add_parser("bench", help="run every benchmark that applies to this machine (benchmarks/run_all.py); "
+                                 "options are passed on, see `widesparse bench --help`", add_help=False)
     return p
 
 
@@ -314,6 +318,26 @@ def _cmd_report(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     return 0
 
 
+def _benchmarks_dir() -> Any:
+    from pathlib import Path
+
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (root / "benchmarks" / "run_all.py").is_file():
+            return root / "benchmarks"
+    raise FileNotFoundError("benchmarks/run_all.py not found in the current folder or in the package's source "
+                            "checkout: run `widesparse bench` from a clone of the widesparse repository")
+
+
+def _cmd_bench(args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    import importlib.util
+
+    path = _benchmarks_dir() / "run_all.py"
+    spec = importlib.util.spec_from_file_location("widesparse_bench_run_all", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return int(module.main(args.bench_args) or 0)
+
+
 _COMMANDS = {
     "models": _cmd_models,
     "describe": _cmd_describe,
@@ -323,13 +347,19 @@ _COMMANDS = {
     "train": _cmd_train,
     "reproduce": _cmd_reproduce,
     "report": _cmd_report,
+    "bench": _cmd_bench,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``widesparse`` console script; returns the exit code."""
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to benchmarks/run_all.py
+        args = argparse.Namespace(command="bench", bench_args=argv[1:])
+        rest: list[str] = []
+    else:
+        args, rest = parser.parse_known_args(argv)
     try:
         if rest and args.command not in ("describe", "train", "spectra", "cka"):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
