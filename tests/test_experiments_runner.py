@@ -127,3 +127,16 @@ def test_ray_backend_on_a_local_instance(tmp_path):
         ray.shutdown()
     assert (res.total, res.ran, res.failed) == (2, 2, [])
     assert all((tmp_path / "runs" / r.id / RESULT).is_file() for r in unique_runs(_e4(1)))
+
+
+def test_small_scale_reads_mnist_files_from_data_dir(tmp_path):
+    """--scale small on the standard MNIST files (written here in the IDX format): E4 runs and reports."""
+    from fake_datasets import make_dataset
+
+    make_dataset("mnist", tmp_path / "data", n_train=64, n_test=32)
+    res = reproduce(["E4"], scale="small", data_dir=str(tmp_path / "data"), out=tmp_path / "out", seeds=1, epochs=1,
+                    log=lambda m: None)
+    assert res["sweep"].ran == 2 and not res["sweep"].failed
+    rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert {r["dataset"] for r in rows} == {"mnist"} and {r["S"] for r in rows} == {28}
+    assert all(0.0 <= r["test_err"] <= 1.0 for r in rows)

@@ -81,7 +81,7 @@ SCALES: dict[str, Scale] = {
             "E8": {"side": 16, "gamma": 2, "depths": [1, 2, 4, 8, 12]},
             # Digits analogues of Mixer-SS/8 (few tokens) and Mixer-SS-W (S moved to C) at equal connections.
             "E9": {"omega": 2**13, "gamma": 2, "depth": 4, "narrow_tokens": 4, "wide_tokens": 16},
-            "E10": {"sides": [8, 16, 32], "gamma": 2, "depth": 4, "batch_size": 32, "steps": 3},
+            "E10": {"sides": [8, 16, 32], "gamma": 2, "depth": 4, "batch_size": 32, "steps": 5},
         },
     ),
     "small": Scale(
