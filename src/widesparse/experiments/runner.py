@@ -132,6 +132,14 @@ def _human(x: float, unit: str = "") -> str:
     return f"{x:.3g} {unit}".strip()
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.3g} h"
+
+
 def format_plan(points: Sequence[Point], out_dir: str | Path | None = None) -> str:
     """The dry run: one line per run (experiment, kind, model, sizes, estimates, cached?) and the totals."""
     runs = unique_runs(points)
@@ -161,9 +169,9 @@ def format_plan(points: Sequence[Point], out_dir: str | Path | None = None) -> s
     kinds = {k: sum(r.kind == k for r in runs) for k in KINDS}
     lines.append(
         f"{len(runs)} runs ({', '.join(f'{v} {k}' for k, v in kinds.items() if v)}), {done} already done; "
-        f"{len(points)} points; estimated training compute {_human(tot_flops, 'FLOP')} "
-        f"(about {tot_flops / 5e10 / 60:.0f} min at 50 GFLOP/s effective), largest run about "
-        f"{_human(tot_mem, 'B')} of memory"
+        f"{len(points)} points; estimated training compute {_human(tot_flops, 'FLOP')}: about "
+        f"{_duration(tot_flops / 5e10)} at 50 GFLOP/s (2 CPU cores) or {tot_flops / 1e14 / 3600:.3g} GPU-hours at "
+        f"100 TFLOP/s effective; largest run about {_human(tot_mem, 'B')} of memory"
     )
     return "\n".join(lines)
 
