@@ -162,3 +162,12 @@ def test_cka_two_runs_and_self(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     assert code == 2 and "--self" in err
     code, _, err = run(capsys, "cka", "mixer", "--self", "--batch-size", "3", "--out", str(tmp_path / "bad"))
     assert code == 2 and "3" in err
+
+
+def test_bench_lists_the_benchmarks_and_passes_options_on(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("mixer", "memory", "sparse", "monarch", "cka", "train"):
+        assert name in out
+    assert main(["bench", "--only", "nonsense"]) == 2
+    assert "valid: mixer" in capsys.readouterr().err
