@@ -530,3 +530,18 @@ def test_permute_last_matches_indexing_with_gradients():
     (ref,) = torch.autograd.grad((x[..., perm] * w).sum(), x)
     assert torch.equal(gx, ref)
     assert torch.autograd.gradcheck(lambda t: permute_last(t, perm), (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_permute_last_low_precision_moves_bits_exactly(dtype):
+    from widesparse.linalg import permute_last
+
+    x = torch.randn(3, 5, 24).to(dtype).requires_grad_()
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(1))
+    y = permute_last(x, perm)
+    assert y.dtype == dtype and torch.equal(y, x.detach()[..., perm])
+    g = torch.randn(3, 5, 24).to(dtype)
+    y.backward(g)
+    want = torch.empty_like(g)
+    want[..., perm] = g
+    assert torch.equal(x.grad, want)
