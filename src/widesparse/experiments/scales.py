@@ -95,7 +95,7 @@ SCALES: dict[str, Scale] = {
                    "densities": [1, 1 / 4, 1 / 16, 1 / 64], "sw_tokens": 16},
             "E3": {"omega": 2**19, "gamma": 2, "tokens": [4, 8, 16, 32, 64, 128, 256],
                    "densities": [1, 1 / 4, 1 / 16, 1 / 64, 1 / 256, 1 / 1024]},
-            "E4": {"depth": 2, "seeds": 3, "datasets": ["mnist"], "fixed_dataset": True, "recipe": _MNIST_RECIPE},
+            "E4": {"depth": 2, "seeds": 3, "recipe": _MNIST_RECIPE},  # MNIST by default; --dataset overrides
             "E5": {"omegas": [2**12, 2**15], "gamma": 1, "depth": 8, "tokens": [4, 8, 16, 32, 64, 128],
                    "sw_densities": [1, 1 / 4, 1 / 16], "min_channels": 2},
             "E6": {"omega": 2**16, "gammas": [0.5, 1, 2, 4, 8], "depth": 4},
