@@ -42,6 +42,9 @@ def test_interrupted_sweep_resumes_without_repeating(tmp_path):
     before = _mtimes(tmp_path, finished)
     res = run_sweep(points, tmp_path, log=lambda m: None)
     assert (res.total, res.cached, res.ran, res.failed) == (4, 2, 2, [])
+    for r in runs:  # finished runs keep their weights, not their resume checkpoints
+        assert (tmp_path / "runs" / r.id / "model.pt").is_file()
+        assert not (tmp_path / "runs" / r.id / "checkpoint.pt").exists()
     assert _mtimes(tmp_path, finished) == before  # nothing repeated
     assert all((tmp_path / "runs" / r.id / RESULT).is_file() for r in runs)  # nothing lost
     again = run_sweep(points, tmp_path, log=lambda m: None)
@@ -51,8 +54,9 @@ def test_interrupted_sweep_resumes_without_repeating(tmp_path):
 def test_training_run_killed_after_a_checkpoint_resumes_exactly(tmp_path):
     run = next(r for r in unique_runs(expand(["E9"], "tiny", seeds=1, epochs=2)) if r.kind == "train")
     payload = {"id": run.id, "kind": run.kind, "params": run.params}
-    assert execute(payload, str(tmp_path), 1)["ok"]
+    assert execute(payload, str(tmp_path), 1, keep_checkpoints=True)["ok"]
     run_dir = tmp_path / "runs" / run.id
+    assert (run_dir / "checkpoint.pt").is_file()
     first = json.loads((run_dir / RESULT).read_text())["result"]
     # simulate a crash after the last epoch's checkpoint: the final files were never written
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()

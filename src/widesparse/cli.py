@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None, help="torch threads per run (default cores / workers)")
     s.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default a local instance")
     s.add_argument("--plan", action="store_true", help="list the runs with sizes and estimates; run nothing")
+    s.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each finished training run's resume checkpoint (default: keep only model.pt)")
 
     s = sub.add_parser("report", help="rebuild tables, figures and report.md/html of a reproduce folder")
     s.add_argument("out_dir", help="output folder of `widesparse reproduce`")
@@ -298,7 +300,7 @@ def _cmd_reproduce(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     res = reproduce(
         args.experiments or None, scale=args.scale, out=args.out, dataset=args.dataset, data_dir=args.data_dir,
         seeds=args.seeds, epochs=args.epochs, device=args.device, backend=args.backend, workers=workers,
-        threads=args.threads, address=args.address, plan_only=args.plan,
+        threads=args.threads, address=args.address, plan_only=args.plan, keep_checkpoints=args.keep_checkpoints,
         command="widesparse " + " ".join(sys.argv[1:] if sys.argv and "widesparse" in sys.argv[0] else ["reproduce"]),
     )
     if args.plan:

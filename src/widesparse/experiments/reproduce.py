@@ -21,6 +21,7 @@ def reproduce(experiments: Sequence[str] | None = None, *, scale: str = "tiny", 
               dataset: str | None = None, data_dir: str | None = None, seeds: int | None = None,
               epochs: int | None = None, device: str | None = None, backend: str = "local", workers: int = 1,
               threads: int | None = None, address: str | None = None, plan_only: bool = False,
+              keep_checkpoints: bool = False,
               command: str = "", log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or with ``plan_only`` list) experiments at ``scale`` into ``out`` (default ``reproduce-<scale>``).
 
@@ -38,7 +39,8 @@ def reproduce(experiments: Sequence[str] | None = None, *, scale: str = "tiny", 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_plan(points, out_dir, {"scale": scale, "experiments": sorted({p.experiment for p in points}),
                                  "command": command, "written": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    sweep = run_sweep(points, out_dir, backend=backend, workers=workers, threads=threads, address=address, log=log)
+    sweep = run_sweep(points, out_dir, backend=backend, workers=workers, threads=threads, address=address,
+                      keep_checkpoints=keep_checkpoints, log=log)
     log(f"{sweep.total} runs: {sweep.cached} cached, {sweep.ran} ran, {len(sweep.failed)} failed in "
         f"{sweep.seconds:.1f} s; building the report")
     rep = build_report(out_dir)

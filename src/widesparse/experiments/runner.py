@@ -201,23 +201,24 @@ def _threads(workers: int, threads: int | None) -> int | None:
     return max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
 
 
-def _local(batch: list[Run], out: str, workers: int, threads: int | None, done: Callable[[dict], None]) -> None:
+def _local(batch: list[Run], out: str, workers: int, threads: int | None, done: Callable[[dict], None],
+           keep: bool) -> None:
     t = _threads(workers, threads)
     if workers <= 1:
         for r in batch:
-            done(execute(_payload(r), out, t))
+            done(execute(_payload(r), out, t, keep))
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futs = [pool.submit(execute, _payload(r), out, t) for r in batch]
+        futs = [pool.submit(execute, _payload(r), out, t, keep) for r in batch]
         for f in as_completed(futs):
             done(f.result())
 
 
 def _ray(batch: list[Run], out: str, workers: int, threads: int | None, done: Callable[[dict], None],
-         address: str | None, gpus: float) -> None:
+         address: str | None, gpus: float, keep: bool) -> None:
     try:
         import ray
     except ImportError as e:
@@ -226,7 +227,7 @@ def _ray(batch: list[Run], out: str, workers: int, threads: int | None, done: Ca
         kw: dict[str, Any] = {"address": address} if address else {"num_cpus": max(1, workers) * (threads or 1)}
         ray.init(include_dashboard=False, log_to_driver=False, **kw)
     remote = ray.remote(num_cpus=threads or 1, num_gpus=gpus)(execute)
-    pending = [remote.remote(_payload(r), out, threads or 1) for r in batch]
+    pending = [remote.remote(_payload(r), out, threads or 1, keep) for r in batch]
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         done(ray.get(ready[0]))
@@ -234,7 +235,7 @@ def _ray(batch: list[Run], out: str, workers: int, threads: int | None, done: Ca
 
 def run_sweep(points: Sequence[Point], out_dir: str | Path, *, backend: str = "local", workers: int = 1,
               threads: int | None = None, address: str | None = None, gpus_per_run: float | None = None,
-              log: Callable[[str], None] | None = None) -> SweepResult:
+              keep_checkpoints: bool = False, log: Callable[[str], None] | None = None) -> SweepResult:
     """Execute every unfinished run of ``points`` under ``out_dir`` (phases in :data:`KINDS` order)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -272,10 +273,10 @@ def run_sweep(points: Sequence[Point], out_dir: str | Path, *, backend: str = "l
         if not ready:
             continue
         if backend == "local":
-            _local(ready, str(out), workers, threads, done)
+            _local(ready, str(out), workers, threads, done, keep_checkpoints)
         else:
             gpus = gpus_per_run if gpus_per_run is not None else _default_gpus(ready)
-            _ray(ready, str(out), workers, threads, done, address, gpus)
+            _ray(ready, str(out), workers, threads, done, address, gpus, keep_checkpoints)
         failed_ids = {f["id"] for f in res.failed}
     res.seconds = time.perf_counter() - t0
     return res

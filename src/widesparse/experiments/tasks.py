@@ -107,8 +107,12 @@ def _memory(params: dict[str, Any], run_dir: Path, threads: int | None) -> dict[
 _TASKS = {"train": _train, "cka": _cka, "spectra": _spectra, "memory": _memory}
 
 
-def execute(run: dict[str, Any], out_dir: str, threads: int | None = None) -> dict[str, Any]:
+def execute(run: dict[str, Any], out_dir: str, threads: int | None = None,
+            keep_checkpoints: bool = False) -> dict[str, Any]:
     """Run ``run`` (``{"id", "kind", "params"}``) under ``out_dir/runs``; returns ``{"id", "ok", "seconds", ...}``.
+
+    A finished training run keeps ``model.pt`` (what CKA and spectra read) and drops its resume checkpoint
+    (optimizer state: 2-3x the weights) unless ``keep_checkpoints``.
 
     Never raises for a failing run: the error and traceback go to ``error.json`` in the run folder and the
     returned dict has ``ok=False`` (a sweep goes on; the report lists the failed runs).
@@ -136,4 +140,6 @@ def execute(run: dict[str, Any], out_dir: str, threads: int | None = None) -> di
     record = {"id": run["id"], "kind": run["kind"], "params": run["params"], "result": result,
               "wall_seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node()}
     write_json(run_dir / RESULT, record)
+    if run["kind"] == "train" and not keep_checkpoints:
+        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     return {"id": run["id"], "ok": True, "cached": False, "seconds": seconds}
