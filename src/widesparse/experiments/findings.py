@@ -54,6 +54,11 @@ def _params(stats: dict[Any, tuple[float, float, int]], key: Any) -> str:
     return f" ({stats[key][0]:,.0f} parameters)" if key in stats else ""
 
 
+def _both(a: bool, b: bool) -> str:
+    """``agrees`` when both parts of a finding hold, ``partly`` when one does, else ``disagrees``."""
+    return "agrees" if a and b else "partly" if a or b else "disagrees"
+
+
 def _rho(xs: Sequence[float], ys: Sequence[float]) -> float:
     if len(xs) < 3:
         return float("nan")
@@ -75,12 +80,9 @@ def _e1(rows: Sequence[Row]) -> Verdict:
         ok.append((near, beats))
         parts.append(f"{series}: peak {d[p_best][0]:.3f} at p = 1/{1 / p_best:g} (1/C = 1/{C}); dense "
                      f"{dense[0]:.3f}" if dense else f"{series}: peak {d[p_best][0]:.3f} at p = 1/{1 / p_best:g}")
-    if all(a and b for a, b in ok):
-        status = "agrees"
-    elif any(a or b for a, b in ok):
+    status = _both(all(a for a, _ in ok), all(b for _, b in ok))
+    if status == "disagrees" and any(a or b for a, b in ok):
         status = "partly"
-    else:
-        status = "disagrees"
     return Verdict(status, "; ".join(parts), "peak within a factor 2 of p = 1/C, and above the dense MLP by more "
                    "than the seeds' spread")
 
@@ -100,7 +102,7 @@ def _e2(rows: Sequence[Row]) -> Verdict:
             f"{widest_mix:g} (best {_pct(mix[gm_mix][0])} at {gm_mix:g}), Spearman(γm, err) = {r_mix:.2f}; SW-MLP: "
             f"{_pct(sw[min(sw)][0])} at {min(sw):g} -> {_pct(sw[gm_sw_max][0])} at {gm_sw_max:g}, ρ = {r_sw:.2f}")
     improves = r_mix < 0 and (r_sw < 0 or len(sw) < 3)
-    status = "agrees" if improves and sw_worse else "partly" if improves or sw_worse else "disagrees"
+    status = _both(improves, sw_worse)
     return Verdict(status, ours, "both improve with width (negative rank correlation); the widest SW-MLP is worse "
                    "than the widest Mixer")
 
@@ -117,7 +119,7 @@ def _e3(rows: Sequence[Row]) -> Verdict:
     grows = sw_hi > 1.02 * sw_lo
     ours = (f"Mixer σ_max {min(mv):.3f}-{max(mv):.3f} over m = {min(mix):g}-{max(mix):g} (1+√γ = {edge:.3f}); "
             f"SW-MLP {sw_lo:.3f} at m = {min(sw):g} -> {sw_hi:.3f} at m = {max(sw):g}")
-    status = "agrees" if flat and grows else "partly" if flat or grows else "disagrees"
+    status = _both(flat, grows)
     return Verdict(status, ours, "Mixer within 10% of 1+√γ at every width; SW-MLP grows by more than 2%")
 
 
@@ -148,7 +150,7 @@ def _e5(rows: Sequence[Row]) -> Verdict:
         return Verdict("incomplete", "fewer than 3 widths done per series")
     falls = sum(r < 0 for r in rhos) > len(rhos) / 2
     plateau = sum(valleys) > len(valleys) / 2
-    status = "agrees" if falls and plateau else "partly" if falls or plateau else "disagrees"
+    status = _both(falls, plateau)
     return Verdict(status, "; ".join(parts), "error falls with m in most series and is lowest within a factor 2 "
                    "of S = C")
 
@@ -201,7 +203,7 @@ def _e8(rows: Sequence[Row]) -> Verdict:
     shallow_worse = diff[Ls[0]] > _noise(n[Ls[0]], r[Ls[0]])
     deep_ok = diff[Ls[-1]] <= _noise(n[Ls[-1]], r[Ls[-1]])
     ours = "RP - normal error by depth: " + ", ".join(f"L={L}: {100 * diff[L]:+.2f} pt" for L in Ls)
-    status = "agrees" if shallow_worse and deep_ok else "partly" if deep_ok or shallow_worse else "disagrees"
+    status = _both(shallow_worse, deep_ok)
     if not shallow_worse and deep_ok:
         status = "inconclusive" if all(abs(v) <= _noise(n[L], r[L]) for L, v in diff.items()) else "partly"
     return Verdict(status, ours, "RP worse than normal at the shallowest depth, and not worse at the deepest")
@@ -236,7 +238,7 @@ def _e10(rows: Sequence[Row]) -> Verdict:
             + f"; RP/Mixer FLOPs {fl['rp_mixer'] / fl['mixer']:.4f}" if fl["mixer"] else "")
     masked_big = mb["sw_mlp (masked)"] > max(mb["mixer"], mb["sw_mlp (sparse)"])
     rp_same = fl["mixer"] and abs(fl["rp_mixer"] / fl["mixer"] - 1) < 0.01
-    status = "agrees" if masked_big and rp_same else "partly" if masked_big or rp_same else "disagrees"
+    status = _both(masked_big, bool(rp_same))
     return Verdict(status, ours, "masked SW-MLP needs the most memory; RP FLOPs equal the Mixer's")
 
 
