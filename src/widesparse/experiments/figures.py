@@ -93,6 +93,9 @@ def _err_plot(rows: Sequence[Row], out: Path, name: str, x: str, xlabel: str, ti
         _line(ax, rows, x, "test_err", s, 100.0, **{by: s})
     if logx:
         ax.set_xscale("log", base=2)
+    errs = [100 * r["test_err"] for r in rows if r.get("test_err")]
+    if errs and max(errs) > 8 * min(errs):  # one diverged point would flatten the rest: log scale
+        ax.set_yscale("log")
     ax.set(xlabel=xlabel, ylabel="test error (%)", title=title)
     if extra:
         extra(ax)
