@@ -223,7 +223,12 @@ class MixingMlp(nn.Module):
         Token mixing becomes a single ``(D_S, S) @ (S, B*C)`` matrix product and channel mixing stays a
         ``(S*B, C) @ (C, D_C)`` one; the RP gathers act per example on row-major ``(S, C)`` storage.
         """
-        h = x if self.idx_in is None else _permute_sbc(x, self.idx_in, self.inv_in)
+        h = x
+        if self.idx_in is not None:
+            if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+                # fc1 casts its input anyway: cast first and move half the bytes (casting commutes with J_1)
+                h = x.to(torch.get_autocast_dtype(x.device.type))
+            h = _permute_sbc(h, self.idx_in, self.inv_in)
         h = self._linear_sbc(h, self.fc1)
         if self.fc2 is not None:
             h = self._linear_sbc(self.act(h), self.fc2)
