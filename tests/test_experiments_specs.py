@@ -40,6 +40,7 @@ def test_run_ids_hash_inputs():
     a = Run("train", {"config": {"model": "mixer", "seed": 0}})
     assert a == Run("train", {"config": {"seed": 0, "model": "mixer"}}) and a.id.startswith("train-mixer-")
     assert a != Run("train", {"config": {"model": "mixer", "seed": 1}})
+    assert a == Run("train", {"config": {"model": "mixer", "seed": 0, "data_dir": "/moved/data"}})
     with pytest.raises(ValueError, match="valid: train"):
         Run("bake", {})
 

@@ -31,6 +31,12 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def _without_location(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _without_location(v) for k, v in obj.items() if k != "data_dir"}
+    return obj
+
+
 @dataclass(frozen=True, eq=False)
 class Run:
     """One unit of work: ``kind`` in :data:`KINDS` and its inputs ``params`` (JSON-able); ``needs`` are run ids."""
@@ -45,8 +51,11 @@ class Run:
 
     @property
     def id(self) -> str:
-        """``<kind>-<model>-<10 hex digits of the inputs' hash>``: equal inputs, equal id."""
-        digest = hashlib.sha1(_canonical([self.kind, self.params]).encode()).hexdigest()[:10]
+        """``<kind>-<model>-<10 hex digits of the inputs' hash>``: equal inputs, equal id.
+
+        Where the data set lives (``data_dir``) is not an input: moving the data keeps the finished runs.
+        """
+        digest = hashlib.sha1(_canonical([self.kind, _without_location(self.params)]).encode()).hexdigest()[:10]
         model = self.params.get("model") or self.params.get("config", {}).get("model") or "pair"
         return f"{self.kind}-{model}-{digest}"
 
