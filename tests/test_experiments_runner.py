@@ -144,3 +144,13 @@ def test_small_scale_reads_mnist_files_from_data_dir(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert {r["dataset"] for r in rows} == {"mnist"} and {r["S"] for r in rows} == {28}
     assert all(0.0 <= r["test_err"] <= 1.0 for r in rows)
+
+
+def test_spectra_of_a_trained_run_has_its_init_as_reference(tmp_path):
+    run = next(r for r in unique_runs(expand(["E9"], "tiny", seeds=1, epochs=1)) if r.kind == "train")
+    assert execute({"id": run.id, "kind": "train", "params": run.params}, str(tmp_path), 1)["ok"]
+    spec = Run("spectra", {"run": run.id}, needs=(run.id,))
+    assert execute({"id": spec.id, "kind": "spectra", "params": spec.params}, str(tmp_path), 1)["ok"]
+    res = json.loads((tmp_path / "runs" / spec.id / RESULT).read_text())["result"]
+    assert res["sigma_max"] > 0 and res["sigma_init"] > 0 and res["sigma_max"] != res["sigma_init"]
+    assert len(res["layers"]) == 4 * run.params["config"]["model_kwargs"]["depth"]

@@ -144,3 +144,11 @@ def test_every_tiny_model_builds_with_its_recorded_sizes(tiny):
             assert model.sizes.m == p.meta["m"] and model.sizes.S == p.meta["S"]
             assert model.sizes.p == pytest.approx(p.meta["p"])
             assert math.isclose(model.sizes.omega, p.meta["omega"], rel_tol=0.05)
+
+
+def test_e3_trained_spectra_reuse_e2_runs(tiny):
+    e2 = {p.run.id for p in _points(tiny, "E2")}
+    trained = [p for p in _points(tiny, "E3") if p.run.kind == "spectra" and "run" in p.run.params]
+    assert trained and {p.run.params["run"] for p in trained} == e2
+    assert all(p.run.needs == (p.run.params["run"],) for p in trained)
+    assert {p.meta["series"] for p in trained} == {"mixer (trained)", "sw_mlp (trained)"}

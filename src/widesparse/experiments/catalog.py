@@ -138,6 +138,11 @@ def _e3(s: dict[str, Any]) -> list[Point]:
             meta = {"S": 1, "C": m, "m": m, "gamma": float(s["gamma"]), "gamma_m": s["gamma"] * m, "p": float(p),
                     "omega": p * s["gamma"] * m * m, "omega_target": float(s["omega"]), "L": 1, "series": "sw_mlp"}
             out.append(Point("E3", run, {**meta, "model": name, "seed": seed}))
+    if s.get("trained"):  # σ_max after training, of E2's models (shared runs)
+        for p in _e2({**s, **s["trained"], "datasets": s["datasets"][:1]}):
+            run = Run("spectra", {"run": p.run.id}, needs=(p.run.id,))
+            meta = {**p.meta, "series": f"{p.meta['series']} (trained)", "experiment": "E3"}
+            out += [Point("E3", p.run, {**p.meta, "role": "train"}), Point("E3", run, meta)]
     return out
 
 
@@ -242,7 +247,9 @@ register_experiment(Experiment(
     "Marchenko-Pastur edge 1 + √γ = 2.414 at γ = 2; SW-MLP growth reportedly linear in m",
     ("Gaussian init with variance 1/fan-in for the Mixer (the MP setting); SW-MLP init N(0, 1/(fan_in·p)) "
      "(Golubeva); σ_max of the expanding (γm x m) layers, averaged over them.",
-     "PAPER.md §3.9: with this init the SW-MLP growth is mild until rows hold a few dozen non-zeros."), _e3))
+     "PAPER.md §3.9: with this init the SW-MLP growth is mild until rows hold a few dozen non-zeros.",
+     "'(trained)' series: the same σ_max after training, of E2's models (original Mixer init; the same runs as E2)."),
+    _e3))
 register_experiment(Experiment(
     "E4", "Monarch (free) vs Kronecker (tied, linear S-Mixer) weights in shallow MLPs",
     "Comparable test error: weight sharing costs little.", "MNIST, 5 seeds; numbers not reported",

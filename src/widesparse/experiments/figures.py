@@ -117,7 +117,7 @@ def _e3(rows: Sequence[Row], out: Path) -> list[Path]:
     edge = next((r["mp_edge"] for r in rows if r.get("mp_edge")), None)
     if edge:
         ax.axhline(edge, ls="--", color="gray", label=f"1+√γ = {edge:.3f}")
-    ax.set(xscale="log", xlabel="width m", ylabel="σ_max of the expanding layers (init)",
+    ax.set(xscale="log", xlabel="width m", ylabel="σ_max of the expanding layers (mean)",
            title="E3: top singular value")
     ax.legend()
     return _save(fig, out, "E3")

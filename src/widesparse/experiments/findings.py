@@ -119,6 +119,10 @@ def _e3(rows: Sequence[Row]) -> Verdict:
     grows = sw_hi > 1.02 * sw_lo
     ours = (f"Mixer σ_max {min(mv):.3f}-{max(mv):.3f} over m = {min(mix):g}-{max(mix):g} (1+√γ = {edge:.3f}); "
             f"SW-MLP {sw_lo:.3f} at m = {min(sw):g} -> {sw_hi:.3f} at m = {max(sw):g}")
+    for series in ("mixer (trained)", "sw_mlp (trained)"):
+        tr = [v[0] for v in mean_by(rows, "m", "sigma_max", series=series).values()]
+        if tr:
+            ours += f"; {series} {min(tr):.3f}-{max(tr):.3f}"
     status = _both(flat, grows)
     return Verdict(status, ours, "Mixer within 10% of 1+√γ at every width; SW-MLP grows by more than 2%")
 

@@ -219,7 +219,7 @@ def build_report(out_dir: str | Path, log: Any = None) -> dict[str, Any]:
                 blocks.append(("img", str(path.relative_to(out)), f"{e} figure"))
         except ImportError:
             blocks.append(("p", "(No figure: matplotlib is not installed; pip install 'widesparse[plot]'.)"))
-        mine = [a for a in agg if a.get("experiment") == e and (e != "E1" or a.get("role") == "cka")]
+        mine = [a for a in agg if a.get("experiment") == e and a.get("role") != "train"]
         if mine:
             blocks.append(_agg_table(e, mine))
         if e == "E9":

@@ -57,6 +57,12 @@ _PAPER_RECIPE = {"epochs": 200, "batch_size": 128, "lr": 1e-3, "weight_decay": 0
 _MNIST_RECIPE = {"epochs": 20, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 0,
                  "augment": False}  # PAPER.md §6.2, MNIST column (E4)
 
+# E2's models, also E3's trained models (same settings, so the same runs)
+_TINY_E2 = {"omega": 2**13, "gamma": 2, "depth": 4, "tokens": [4, 8, 16, 32, 64],
+            "densities": [1, 1 / 4, 1 / 16, 1 / 64], "sw_tokens": 16}
+_SMALL_E2 = {**_TINY_E2, "omega": 2**16, "tokens": [4, 8, 16, 32, 64, 128]}
+_PAPER_E2 = {**_TINY_E2, "omega": 2**19, "tokens": [4, 8, 16, 32, 64, 128, 256], "sw_tokens": 64}
+
 SCALES: dict[str, Scale] = {
     "tiny": Scale(
         "tiny",
@@ -67,11 +73,11 @@ SCALES: dict[str, Scale] = {
             "E1": {"sizes": [16], "densities": [1, 1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64], "gamma": 2,
                    "depth": 4, "cka_batch": 128, "cka_passes": 3},
             # Ω = 2^13 puts the optimum S = C = 16 on digits, as 2^19 puts S = C = 64 on CIFAR (both (Ω/γ)^(1/3)).
-            "E2": {"omega": 2**13, "gamma": 2, "depth": 4, "tokens": [4, 8, 16, 32, 64],
-                   "densities": [1, 1 / 4, 1 / 16, 1 / 64], "sw_tokens": 16},
-            # Init only: no data, so a larger budget (2^16, optimum S = C = 32) costs nothing.
+            "E2": _TINY_E2,
+            # At init no data is needed, so a larger budget (2^16, optimum S = C = 32) costs nothing; "trained":
+            # σ_max after training of E2's models (the same runs, trained once).
             "E3": {"omega": 2**16, "gamma": 2, "tokens": [4, 8, 16, 32, 64],
-                   "densities": [1, 1 / 4, 1 / 16, 1 / 64, 1 / 256, 1 / 1024]},
+                   "densities": [1, 1 / 4, 1 / 16, 1 / 64, 1 / 256, 1 / 1024], "trained": _TINY_E2},
             "E4": {"depth": 2, "seeds": 3, "recipe": {**_MNIST_RECIPE, "epochs": 30}},
             # γ = 1 S-Mixers: Ω = 2^9 and 2^12 have their optima at S = C = 8 and 16.
             "E5": {"omegas": [2**9, 2**12], "gamma": 1, "depth": 4, "tokens": [2, 4, 8, 16, 32],
@@ -91,10 +97,9 @@ SCALES: dict[str, Scale] = {
         {
             "E1": {"sizes": [16], "densities": [1, 1 / 4, 1 / 16, 1 / 64, 1 / 256], "gamma": 2, "depth": 4,
                    "cka_batch": 256, "cka_passes": 3, "seeds": 2},
-            "E2": {"omega": 2**16, "gamma": 2, "depth": 4, "tokens": [4, 8, 16, 32, 64, 128],
-                   "densities": [1, 1 / 4, 1 / 16, 1 / 64], "sw_tokens": 16},
+            "E2": _SMALL_E2,
             "E3": {"omega": 2**19, "gamma": 2, "tokens": [4, 8, 16, 32, 64, 128, 256],
-                   "densities": [1, 1 / 4, 1 / 16, 1 / 64, 1 / 256, 1 / 1024]},
+                   "densities": [1, 1 / 4, 1 / 16, 1 / 64, 1 / 256, 1 / 1024], "trained": _SMALL_E2},
             "E4": {"depth": 2, "seeds": 3, "recipe": _MNIST_RECIPE},  # MNIST by default; --dataset overrides
             "E5": {"omegas": [2**12, 2**15], "gamma": 1, "depth": 8, "tokens": [4, 8, 16, 32, 64, 128],
                    "sw_densities": [1, 1 / 4, 1 / 16], "min_channels": 2},
@@ -112,10 +117,9 @@ SCALES: dict[str, Scale] = {
         {
             "E1": {"sizes": [64, 32], "densities": [1, 1 / 4, 1 / 16, 1 / 32, 1 / 64, 1 / 128, 1 / 256],
                    "gamma": 2, "depth": 4, "cka_batch": 256, "cka_passes": 10, "seeds": 4},
-            "E2": {"omega": 2**19, "gamma": 2, "depth": 4, "tokens": [4, 8, 16, 32, 64, 128, 256],
-                   "densities": [1, 1 / 4, 1 / 16, 1 / 64], "sw_tokens": 64, "seeds": 4},
+            "E2": {**_PAPER_E2, "seeds": 4},
             "E3": {"omega": 2**19, "gamma": 2, "tokens": [4, 8, 16, 32, 64, 128, 256],
-                   "densities": [1, 1 / 4, 1 / 16, 1 / 64, 1 / 256, 1 / 1024]},
+                   "densities": [1, 1 / 4, 1 / 16, 1 / 64, 1 / 256, 1 / 1024], "trained": _PAPER_E2},
             "E4": {"depth": 2, "seeds": 5, "datasets": ["mnist"], "fixed_dataset": True, "recipe": _MNIST_RECIPE},
             "E5": {"omegas": [2**18, 2**21, 2**27], "gamma": 1, "depth": 8, "tokens": [4, 16, 64, 128, 256, 512],
                    "sw_densities": [1, 1 / 4, 1 / 16, 1 / 64], "sw_omegas": [2**18], "min_channels": 2,

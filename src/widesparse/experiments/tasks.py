@@ -85,11 +85,19 @@ def _spectra(params: dict[str, Any], run_dir: Path, threads: int | None) -> dict
 
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(params["seed"])
-    model = create_model(params["model"], seed=params["seed"], **_tuples(params["model_kwargs"]))
-    rows = spectra_table(model)
+    if "run" in params:  # a trained run: its weights, with the same model at init as the reference
+        from widesparse.train import init_model, load_run
+
+        model, _ = load_run(run_dir.parent / params["run"])
+        rows = spectra_table(model, reference=init_model(run_dir.parent / params["run"]))
+    else:
+        torch.manual_seed(params["seed"])
+        model = create_model(params["model"], seed=params["seed"], **_tuples(params["model_kwargs"]))
+        rows = spectra_table(model)
     expanding = [r for r in rows if r.out_features > r.in_features] or rows
+    inits = [r.sigma_init for r in expanding if r.sigma_init is not None]
     return {
+        "sigma_init": sum(inits) / len(inits) if inits else None,
         "sigma_max": sum(r.sigma_max for r in expanding) / len(expanding),
         "sigma_max_all": max(r.sigma_max for r in rows),
         "mp_edge": expanding[0].mp_edge,
