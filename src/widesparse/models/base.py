@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from widesparse.models.blocks import resolve_indices
+from widesparse.models.blocks import resolve_indices, sublayer_chain
 
 __all__ = ["MixerSurface"]
 
@@ -79,7 +79,10 @@ class MixerSurface(nn.Module):
         """
         sbc = self._token_major(x)
         x = self.stem.forward_sbc(x) if sbc else self.stem(x)
-        if self.grad_checkpointing and torch.is_grad_enabled():
+        chained = None if self.grad_checkpointing else sublayer_chain(self.blocks, x, sbc)
+        if chained is not None:  # RP S-Mixer: consecutive permutations composed into one gather
+            x = chained
+        elif self.grad_checkpointing and torch.is_grad_enabled():
             for blk in self.blocks:
                 x = checkpoint(blk.forward_sbc if sbc else blk, x, use_reentrant=False)
         elif sbc:

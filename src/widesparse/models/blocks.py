@@ -208,6 +208,12 @@ class MixingMlp(nn.Module):
             return permute_last(h.reshape(B, S * C), self.idx_out, self.inv_out).view(B, S, C)
         return h
 
+    def forward_inner(self, x: Tensor, sbc: bool = False) -> Tensor:
+        """``fc1 -> act -> fc2`` without ``J_1``/``J_2`` (:func:`sublayer_chain` applies them, composed)."""
+        lin = self._linear_sbc if sbc else self._linear
+        h = lin(x, self.fc1)
+        return h if self.fc2 is None else lin(self.act(h), self.fc2)
+
     def _linear_sbc(self, h: Tensor, layer: PermutedKronLinear) -> Tensor:
         if self.axis == "token":  # W @ X for all examples at once: one GEMM on the (S, B*C) view, bias fused
             S, B, C = h.shape
@@ -246,6 +252,44 @@ def _gather_sbc(x: Tensor, idx: Tensor) -> Tensor:
 def _permute_sbc(x: Tensor, idx: Tensor, inv: Tensor | None) -> Tensor:
     """Per-example permutation of row-major ``(S, C)`` positions on an ``(S, B, C)`` tensor (one autograd node)."""
     return permute_with(x, idx, inv, _gather_sbc)
+
+
+def _permute_bsc(x: Tensor, idx: Tensor, inv: Tensor | None) -> Tensor:
+    B, S, C = x.shape
+    return permute_last(x.reshape(B, S * C), idx, inv).view(B, S, C)
+
+
+def _compose(first: Tensor | None, then: Tensor | None) -> Tensor | None:
+    """The gather index of ``y = z[..., first]`` followed by ``y[..., then]`` (``None`` is the identity)."""
+    if first is None or then is None:
+        return then if first is None else first
+    return first[then]
+
+
+def sublayer_chain(blocks: Sequence[nn.Module], x: Tensor, sbc: bool) -> Tensor | None:
+    """The S-Mixer's mixing steps ``x -> act(J_2 f(J_1 x))`` in a row, with consecutive permutations composed.
+
+    Since ``act`` is elementwise, ``J_1' act(J_2 z) = act(J_1' J_2 z)``: one gather between two steps instead of
+    two (2L + 1 gathers for L blocks instead of 4L), the same values. Returns ``None`` where it does not apply:
+    blocks with LayerNorm or skips (the RP-Mixer), or no permutations at all.
+    """
+    if not all(isinstance(b, MixerBlock) and b.act is not None and not b.residual
+               and isinstance(b.norm1, nn.Identity) and isinstance(b.norm2, nn.Identity) for b in blocks):
+        return None
+    steps = [(b.mlp_tokens if i == 0 else b.mlp_channels, b.act) for b in blocks for i in (0, 1)]
+    if all(m.idx_in is None and m.idx_out is None for m, _ in steps):
+        return None
+    permute = _permute_sbc if sbc else _permute_bsc
+    if steps[0][0].idx_in is not None:
+        x = permute(x, steps[0][0].idx_in, steps[0][0].inv_in)
+    for k, (mlp, act) in enumerate(steps):
+        x = mlp.forward_inner(x, sbc)
+        nxt = steps[k + 1][0].idx_in if k + 1 < len(steps) else None
+        idx = _compose(mlp.idx_out, nxt)
+        if idx is not None:
+            x = permute(x, idx, mlp.inv_out if nxt is None else None)
+        x = act(x)
+    return x
 
 
 def _refresh_after_load(module: MixingMlp, _incompatible: object) -> None:
