@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default cpu)")
     s.add_argument("--backend", default="local", choices=["local", "ray"])
     s.add_argument("--workers", type=int, default=None,
-                   help="parallel runs (local: processes, default min(2, cores); ray: CPUs of a local instance)")
+                   help="parallel runs (local: processes; default one per core up to 8 at --scale tiny, else 1; "
+                        "ray: CPUs of a local instance)")
     s.add_argument("--threads", type=int, default=None, help="torch threads per run (default cores / workers)")
     s.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default a local instance")
     s.add_argument("--plan", action="store_true", help="list the runs with sizes and estimates; run nothing")
@@ -296,7 +297,9 @@ def _cmd_reproduce(args: argparse.Namespace, extra: dict[str, Any]) -> int:
 
     from widesparse.experiments.reproduce import reproduce
 
-    workers = args.workers if args.workers is not None else max(1, min(2, os.cpu_count() or 1))
+    # tiny runs are overhead-bound: one single-threaded run per core; larger runs use all cores each
+    cores = os.cpu_count() or 1
+    workers = args.workers if args.workers is not None else (min(cores, 8) if args.scale == "tiny" else 1)
     res = reproduce(
         args.experiments or None, scale=args.scale, out=args.out, dataset=args.dataset, data_dir=args.data_dir,
         seeds=args.seeds, epochs=args.epochs, device=args.device, backend=args.backend, workers=workers,
