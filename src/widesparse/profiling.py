@@ -126,6 +126,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _peak_rss() -> int:
+    """Peak resident bytes: VmHWM, or VmRSS when larger (the kernel updates the high-water mark lazily, so right
+    after a reset it can lag behind the current RSS)."""
+    return max(status_bytes("VmHWM"), status_bytes("VmRSS"))
+
+
 def _measure_here(spec: dict[str, Any]) -> dict[str, Any]:
     """:func:`measure_step` in this process (the child's body when isolated)."""
     name, kw, dev, prec = spec["model_name"], spec["model_kwargs"], spec["device"], spec["precision"]
@@ -144,7 +150,7 @@ def _measure_here(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     model = create_model(name, **{**sizes, **kw}, device=dev)
-    build_peak = (torch.cuda.max_memory_allocated() if cuda else status_bytes("VmHWM")) - base
+    build_peak = (torch.cuda.max_memory_allocated() if cuda else _peak_rss()) - base
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     x, y = _inputs(spec["batch_size"], spec["in_chans"], spec["image_size"], spec["num_classes"], dev)
     trim_heap()
@@ -161,7 +167,7 @@ def _measure_here(spec: dict[str, Any]) -> dict[str, Any]:
         opt.step()
         _sync(dev)
         times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if cuda else status_bytes("VmHWM")) - base
+    peak = (torch.cuda.max_memory_allocated() if cuda else _peak_rss()) - base
     conn = count_connections(model)
     return {
         "model": name, "model_kwargs": kw, "batch_size": spec["batch_size"], "precision": prec, "device": dev,
