@@ -57,7 +57,7 @@ def _points(points, exp, **where):
 def test_tiny_counts_and_seeds(tiny):
     seeds = SCALES["tiny"].seeds
     s = SCALES["tiny"].experiments
-    assert len(_points(tiny, "E1", role="cka")) == seeds * len(s["E1"]["densities"])
+    assert len(_points(tiny, "E1", role="cka")) == seeds * len(s["E1"]["sizes"]) * len(s["E1"]["densities"])
     assert len(_points(tiny, "E4")) == 2 * s["E4"]["seeds"]
     assert len(_points(tiny, "E7")) == 2 * seeds * len(s["E7"]["tokens"])
     assert len(_points(tiny, "E8")) == 2 * seeds * len(s["E8"]["depths"])
@@ -72,8 +72,8 @@ def test_shared_runs_are_trained_once(tiny):
     e2 = {p.run.id for p in _points(tiny, "E2", series="mixer")}
     e7 = {p.run.id for p in _points(tiny, "E7", series="mixer")}
     assert e2 <= e7  # same Ω, γ, depth, recipe: the same runs
-    e1_mixer = {p.run.id for p in _points(tiny, "E1", role="train", model="mixer")}
-    assert e1_mixer <= e7
+    e1_mixer = {p.run.id for p in _points(tiny, "E1", role="train", model="mixer", C=16)}
+    assert e1_mixer and e1_mixer <= e7  # S = C = 16 lies on E7's fixed-Ω curve
     for p in _points(tiny, "E1", role="cka"):
         assert set(p.run.needs) <= {q.run.id for q in tiny if q.run.kind == "train"}
 

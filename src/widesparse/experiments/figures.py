@@ -66,16 +66,17 @@ def _e1(rows: Sequence[Row], out: Path) -> list[Path]:
     ax.axhspan(0.6, 0.7, color="tab:green", alpha=0.12, label="paper: peak 0.6-0.7 at p ≈ 1/C")
     ax.legend()
     paths = _save(fig, out, "E1")
-    done = [r for r in cka if r.get("status") == "done" and r.get("seed") == 0]
+    first = _series(cka)[0] if cka else None  # heatmaps of the widest Mixer (the first size)
+    done = [r for r in cka if r.get("status") == "done" and r.get("seed") == 0 and r.get("series") == first]
     if done:
-        d = mean_by(cka, "p", "diag_mean")
+        d = mean_by(cka, "p", "diag_mean", series=first)
         best = max(d, key=lambda p: d[p][0])
         pick = [r for r in done if r["p"] in (best, 1.0)]
         fig, axes = plt.subplots(1, len(pick), figsize=(4.2 * len(pick), 3.8), squeeze=False)
         for ax, r in zip(axes[0], sorted(pick, key=lambda r: r["p"]), strict=True):
             m = np.load(out.parent / "runs" / r["run_id"] / "cka.npy")
             im = ax.imshow(m, vmin=0, vmax=1, cmap="magma", origin="lower")
-            ax.set(title=f"p = 1/{1 / r['p']:g}: diag {np.mean(np.diag(m)):.3f}", xlabel="SW-MLP layer",
+            ax.set(title=f"{first}, p = 1/{1 / r['p']:g}: diag {np.mean(np.diag(m)):.3f}", xlabel="SW-MLP layer",
                    ylabel="Mixer layer")
         fig.colorbar(im, ax=axes[0].tolist())
         fig.savefig(out / "E1_heatmaps.png", dpi=120)

@@ -69,8 +69,8 @@ SCALES: dict[str, Scale] = {
         "every experiment reduced to the embedded digits data set (8x8, 1,437 training images), CPU minutes",
         "digits", _TINY_RECIPE, 2,
         {
-            # One Mixer S = C = 16 (m = 256) instead of the paper's 64 and 32 (8x8 images); SW-MLPs of the same m.
-            "E1": {"sizes": [16], "densities": [1, 1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64], "gamma": 2,
+            # Mixers S = C = 16 and 8 (m = 256, 64) for the paper's 64 and 32 (8x8 images); SW-MLPs of the same m.
+            "E1": {"sizes": [16, 8], "densities": [1, 1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64], "gamma": 2,
                    "depth": 4, "cka_batch": 128, "cka_passes": 3},
             # Ω = 2^13 puts the optimum S = C = 16 on digits, as 2^19 puts S = C = 64 on CIFAR (both (Ω/γ)^(1/3)).
             "E2": _TINY_E2,
