@@ -39,13 +39,15 @@ def _save(fig: Any, out: Path, name: str) -> list[Path]:
     return paths[:1]
 
 
-def _line(ax: Any, rows: Sequence[Row], x: str, y: str, label: str, scale: float = 1.0, **where: Any) -> None:
+def _line(ax: Any, rows: Sequence[Row], x: str, y: str, label: str, scale: float = 1.0, **where: Any) -> Any:
+    """One series with one-std error bars; returns its colour (None when it has no finished point)."""
     d = mean_by(rows, x, y, **where)
     if not d:
-        return
+        return None
     xs = list(d)
-    ax.errorbar(xs, [scale * v[0] for v in d.values()], yerr=[scale * v[1] for v in d.values()], marker="o",
-                capsize=3, label=label)
+    bars = ax.errorbar(xs, [scale * v[0] for v in d.values()], yerr=[scale * v[1] for v in d.values()], marker="o",
+                       capsize=3, label=label)
+    return bars.lines[0].get_color()
 
 
 def _series(rows: Sequence[Row]) -> list[str]:
@@ -56,11 +58,12 @@ def _e1(rows: Sequence[Row], out: Path) -> list[Path]:
     plt = _plt()
     cka = [r for r in rows if r.get("role") == "cka"]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for s in _series(cka):
-        _line(ax, cka, "p", "diag_mean", s, series=s)
+    for i, s in enumerate(_series(cka)):
+        color = _line(ax, cka, "p", "diag_mean", s, series=s) or "gray"
         C = next(r["C"] for r in cka if r["series"] == s)
-        ax.axvline(1 / C, ls="--", color="gray")
-        ax.text(1 / C, ax.get_ylim()[0], f" p = 1/C = 1/{C}", color="gray", va="bottom")
+        ax.axvline(1 / C, ls="--", color=color, alpha=0.7)
+        ax.text(1 / C, 0.02 + 0.07 * i, f" p = 1/C = 1/{C}", color=color, va="bottom",
+                transform=ax.get_xaxis_transform())
     ax.set(xscale="log", xlabel="density p of the SW-MLP", ylabel="mean diagonal CKA with the Mixer",
            title="E1: Mixer vs SW-MLP features")
     ax.axhspan(0.6, 0.7, color="tab:green", alpha=0.12, label="paper: peak 0.6-0.7 at p ≈ 1/C")
