@@ -275,3 +275,17 @@ def test_download_calls_torchvision_per_split(tmp_path, monkeypatch):
         ("MNIST", d, {"train": True}, True), ("MNIST", d, {"train": False}, True),
         ("STL10", d, {"split": "train"}, True), ("STL10", d, {"split": "test"}, True),
     ]
+
+
+def test_missing_files_looks_where_the_readers_look(tmp_path):
+    from widesparse.data import missing_files
+
+    all_idx = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    assert missing_files("mnist", tmp_path) == all_idx
+    make_dataset("mnist", tmp_path)
+    assert missing_files("mnist", tmp_path) == []
+    (tmp_path / "elsewhere").mkdir()  # a folder the reader does not search does not count
+    (tmp_path / "elsewhere" / "test_batch").write_bytes(b"")
+    assert "cifar-10-batches-py/test_batch" in missing_files("cifar10", tmp_path)
+    assert missing_files("imagefolder", tmp_path) == ["train/", "val/"]
+    assert missing_files("digits", tmp_path) == []

@@ -41,6 +41,7 @@ __all__ = [
     "image_folder_splits",
     "iterate_batches",
     "list_datasets",
+    "missing_files",
     "load_dataset",
     "load_pixels",
 ]
@@ -267,6 +268,30 @@ def _load_from_disk(info: DatasetInfo, root: Path) -> _RawSplits:
                 f"{info.name} {what} labels: values {y.min()}..{y.max()} outside 0..{info.num_classes - 1}"
             )
     return raw
+
+
+def missing_files(name: str, data_dir: str | os.PathLike[str]) -> list[str]:
+    """The files of an on-disk data set that its reader would not find under ``data_dir`` (without reading them).
+
+    Looks where the reader looks: ``data_dir``'s standard sub-folders, then ``data_dir`` itself, each file also
+    gzipped (and IDX files under the ``.idx`` spelling some mirrors use). ImageFolder: ``train/`` and ``val/``
+    (or ``test/``). Embedded data sets miss nothing.
+    """
+    info = get_dataset_info(name)
+    root = Path(data_dir).expanduser()
+    if name == "imagefolder":
+        has_val = any((root / n).is_dir() for n in ("val", "test"))
+        return [d for d, ok in (("train/", (root / "train").is_dir()), ("val/", has_val)) if not ok]
+    if name not in _DISK:
+        return []
+    folders = [root / sub for sub in _DISK[name].subdirs] + [root]
+    missing = []
+    for rel in info.files:
+        base = Path(rel).name
+        dotted = base.replace("-idx", ".idx")
+        if readers.find_file(folders, (base, base + ".gz", dotted, dotted + ".gz")) is None:
+            missing.append(rel)
+    return missing
 
 
 def image_folder_splits(

@@ -58,16 +58,10 @@ def _datasets(points: Sequence[Point]) -> dict[str, str | None]:
     return out
 
 
-def _found(root: Path, rel: str) -> bool:
-    name = Path(rel).name
-    cands = [root / rel, root / (rel + ".gz")]
-    return any(c.exists() for c in cands) or any(root.glob(f"**/{name}")) or any(root.glob(f"**/{name}.gz"))
-
-
 def check_data(points: Sequence[Point]) -> None:
     """Before anything starts: every on-disk data set the runs need is present (else FileNotFoundError naming
     the data set, the missing files, where they were looked for and where to get them)."""
-    from widesparse.data import get_dataset_info
+    from widesparse.data import get_dataset_info, missing_files
 
     problems = []
     for name, data_dir in _datasets(points).items():
@@ -78,10 +72,7 @@ def check_data(points: Sequence[Point]) -> None:
             problems.append(f"{name}: no --data-dir given; it must hold {', '.join(info.files)} ({info.source})")
             continue
         root = Path(data_dir).expanduser()
-        if name == "imagefolder":
-            missing = [d for d in ("train", "val") if not (root / d).is_dir()]
-        else:
-            missing = [f for f in info.files if not root.is_dir() or not _found(root, f)]
+        missing = missing_files(name, root) if root.is_dir() else list(info.files)
         if missing:
             problems.append(f"{name}: missing {', '.join(missing)} under {root} (get them from {info.source})")
     if problems:
