@@ -18,7 +18,7 @@ from typing import Any
 from widesparse.checkpoint import write_json
 from widesparse.experiments.catalog import image_geometry
 from widesparse.experiments.scales import get_scale
-from widesparse.experiments.specs import KINDS, Point, Run, get_experiment, list_experiments
+from widesparse.experiments.specs import KINDS, Point, Run, forward_flops, get_experiment, list_experiments
 from widesparse.experiments.tasks import execute, is_done
 
 __all__ = ["BACKENDS", "SweepResult", "expand", "unique_runs", "check_data", "estimate", "format_plan",
@@ -108,8 +108,8 @@ def estimate(run: Run) -> dict[str, float]:
         conn = 2 * L * m * (gt * S + gc * C)
         params = 2 * L * (gt * S * S + gc * C * C)
         hidden = (gt + gc) * m
-    embed = m * chans * ph * pw + C * classes
-    fwd = 2.0 * (conn + embed)
+    embed = m * chans * ph * pw + C * classes  # parameters of the patch embedding and the head
+    fwd = forward_flops(conn, m, S, img, chans, classes)
     n = _TRAIN_SIZES.get(c["dataset"], 50000)
     acts = 4.0 * c["batch_size"] * L * (4 * m + 2 * hidden)
     return {"params": float(params + embed), "flops_per_example": fwd, "train_flops": 3 * fwd * n * c["epochs"],

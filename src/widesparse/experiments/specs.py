@@ -21,7 +21,7 @@ __all__ = [
     "KINDS", "Run", "Point", "Experiment", "register_experiment", "get_experiment", "list_experiments",
     "tokens_for_patch", "patch_for_tokens", "sw_backend", "reachable_tokens", "nearest_tokens", "mixer_point",
     "sw_point",
-    "train_run",
+    "train_run", "forward_flops",
 ]
 
 KINDS = ("train", "spectra", "memory", "cka")  # execution order: a cka run reads two finished train runs
@@ -158,6 +158,14 @@ def nearest_tokens(image_size: int, wanted: Sequence[float]) -> list[int]:
         if s not in out:
             out.append(s)
     return out
+
+
+def forward_flops(connections: float, m: float, S: float, image_size: int, in_chans: int, num_classes: int) -> float:
+    """Forward FLOPs per example: 2 x (mixing connections + patch embedding + head), dense layers counted dense.
+
+    The embedding maps S patches of ``in_chans * image_size² / S`` pixels to C = m / S channels; the head C -> classes.
+    """
+    return 2.0 * (connections + m * in_chans * image_size * image_size / S + (m / S) * num_classes)
 
 
 # ------------------------------------------------------------------------------------------ model points

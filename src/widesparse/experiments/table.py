@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from widesparse.checkpoint import atomic_write
+from widesparse.experiments.specs import forward_flops
 from widesparse.experiments.tasks import ERROR, RESULT
 
 __all__ = ["COLUMNS", "METRICS", "load_rows", "write_table", "aggregate", "read_plan"]
@@ -47,9 +48,7 @@ def _flops(row: dict[str, Any], params: dict[str, Any]) -> float | None:
         return None
     from widesparse.experiments.catalog import image_geometry
 
-    img, chans, classes = image_geometry(cfg["dataset"])
-    S, m = row.get("S") or 1, row["m"]
-    return 2.0 * (row["connections"] + m * chans * img * img / S + (m / S) * classes)
+    return forward_flops(row["connections"], row["m"], row.get("S") or 1, *image_geometry(cfg["dataset"]))
 
 
 def load_rows(out_dir: str | Path) -> list[dict[str, Any]]:
