@@ -60,10 +60,9 @@ def _mixer_curve(s: dict[str, Any], exp: str, omega: float, variants: tuple[str,
 
 
 def _img(s: dict[str, Any]) -> int:
-    sizes = {image_geometry(ds)[0] for ds in s["datasets"]}
-    if len(sizes) != 1:
-        raise ValueError(f"experiment data sets {s['datasets']} have different image sizes {sorted(sizes)}")
-    return sizes.pop()
+    """Image size of the one data set an expansion sees (:func:`_per_dataset` hands them over one at a time)."""
+    (ds,) = s["datasets"]
+    return image_geometry(ds)[0]
 
 
 def _per_dataset(fn: Callable[[dict[str, Any]], list[Point]]) -> Callable[[dict[str, Any]], list[Point]]:
@@ -129,15 +128,10 @@ def _e3(s: dict[str, Any]) -> list[Point]:
             run = Run("spectra", {"model": "mixer", "model_kwargs": {**kw, **geo, "init_mode": "gaussian"},
                                   "seed": seed})
             out.append(Point("E3", run, {**meta, "model": "mixer", "seed": seed}))
-        for p in s["densities"]:
-            m = round(budget.sw_mlp_width(s["omega"], s["gamma"], p))
-            name = "mlp" if p == 1 else "sw_mlp"
-            kw = {"patch_size": img, "width": m, "gamma": float(s["gamma"]), "depth": 1,
-                  **({"density": float(p)} if p < 1 else {}), **geo}
-            run = Run("spectra", {"model": name, "model_kwargs": kw, "seed": seed})
-            meta = {"S": 1, "C": m, "m": m, "gamma": float(s["gamma"]), "gamma_m": s["gamma"] * m, "p": float(p),
-                    "omega": p * s["gamma"] * m * m, "omega_target": float(s["omega"]), "L": 1, "series": "sw_mlp"}
-            out.append(Point("E3", run, {**meta, "model": name, "seed": seed}))
+        for p in s["densities"]:  # one token (patch = image), so m = sqrt(Ω/(γp)) is not rounded to a multiple of S
+            name, kw, meta = sw_point(p, s["omega"], s["gamma"], 1, img, 1)
+            run = Run("spectra", {"model": name, "model_kwargs": {**kw, **geo}, "seed": seed})
+            out.append(Point("E3", run, {**meta, "series": "sw_mlp", "model": name, "seed": seed}))
     if s.get("trained"):  # σ_max after training, of E2's models (shared runs)
         for p in _e2({**s, **s["trained"], "datasets": s["datasets"][:1]}):
             run = Run("spectra", {"run": p.run.id}, needs=(p.run.id,))

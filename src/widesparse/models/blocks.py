@@ -201,14 +201,9 @@ class MixingMlp(nn.Module):
         return F.linear(h, layer.weight, layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, S, C = x.shape
-        h = x if self.idx_in is None else permute_last(x.reshape(B, S * C), self.idx_in, self.inv_in).view(B, S, C)
-        h = self._linear(h, self.fc1)
-        if self.fc2 is not None:
-            h = self._linear(self.act(h), self.fc2)
-        if self.idx_out is not None:
-            return permute_last(h.reshape(B, S * C), self.idx_out, self.inv_out).view(B, S, C)
-        return h
+        h = x if self.idx_in is None else _permute_bsc(x, self.idx_in, self.inv_in)
+        h = self.forward_inner(h)
+        return h if self.idx_out is None else _permute_bsc(h, self.idx_out, self.inv_out)
 
     def forward_inner(self, x: Tensor, sbc: bool = False) -> Tensor:
         """``fc1 -> act -> fc2`` without ``J_1``/``J_2`` (:func:`sublayer_chain` applies them, composed)."""
@@ -237,9 +232,7 @@ class MixingMlp(nn.Module):
                 # fc1 casts its input anyway: cast first and move half the bytes (casting commutes with J_1)
                 h = x.to(torch.get_autocast_dtype(x.device.type))
             h = _permute_sbc(h, self.idx_in, self.inv_in)
-        h = self._linear_sbc(h, self.fc1)
-        if self.fc2 is not None:
-            h = self._linear_sbc(self.act(h), self.fc2)
+        h = self.forward_inner(h, sbc=True)
         return h if self.idx_out is None else _permute_sbc(h, self.idx_out, self.inv_out)
 
 
