@@ -8,6 +8,7 @@ training run interrupted mid-way resumes from its ``checkpoint.pt`` (exactly: th
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import platform
@@ -57,20 +58,27 @@ def _train(params: dict[str, Any], run_dir: Path, threads: int | None) -> dict[s
     return {k: summary.get(k) for k in keys}
 
 
+@functools.lru_cache(maxsize=2)
+def _test_inputs(dataset: str, data_dir: str | None, seed: int) -> Any:
+    """The test images every CKA run of a sweep compares on: read once per process, not once per pair."""
+    from widesparse.data import load_dataset
+
+    return load_dataset(dataset, data_dir=data_dir, seed=seed)[1].x
+
+
 def _cka(params: dict[str, Any], run_dir: Path, threads: int | None) -> dict[str, Any]:
     import torch
 
     from widesparse.cka import run_comparison
-    from widesparse.data import load_dataset
     from widesparse.train import load_run
 
     runs = run_dir.parent
     model_a, _ = load_run(runs / params["a"])
     model_b, _ = load_run(runs / params["b"])
-    _, test, _ = load_dataset(params["dataset"], data_dir=params.get("data_dir"), seed=params["seed"])
+    x = _test_inputs(params["dataset"], params.get("data_dir"), params["seed"])
     if threads:
         torch.set_num_threads(threads)
-    s = run_comparison(model_a, model_b, test.x, run_dir, batch_size=params["batch_size"], passes=params["passes"],
+    s = run_comparison(model_a, model_b, x, run_dir, batch_size=params["batch_size"], passes=params["passes"],
                        seed=params["seed"], progress=False)
     acc = {k: json.loads((runs / params[k] / "summary.json").read_text())["test_acc"] for k in ("a", "b")}
     return {"diag_mean": s["diag_mean"], "num_examples": s["num_examples"], "test_acc_a": acc["a"],
