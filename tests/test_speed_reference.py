@@ -122,6 +122,23 @@ def test_auto_layout_picks_token_major_under_autocast_only() -> None:
         m(x)
 
 
+@pytest.mark.parametrize("name", ["mixer", "rp_mixer"])
+def test_layouts_agree_under_bf16_autocast(name: str) -> None:
+    """The token-major path casts inside its first RP gather: same values as the batch-major path up to bf16."""
+    m = _model(name, dtype=torch.float32)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    outs = {}
+    for layout in ("bsc", "sbc"):
+        m.layout = layout
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+        grads = torch.autograd.grad(out.float().square().sum(), list(m.parameters()))
+        assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+        outs[layout] = out.float()
+    scale = outs["bsc"].abs().max().item()
+    assert torch.allclose(outs["sbc"], outs["bsc"], rtol=0, atol=0.05 * scale)
+
+
 # dynamo itself instantiates autograd.Function classes while tracing the RP gathers (a torch-internal warning)
 @pytest.mark.filterwarnings("ignore:<class 'torch.autograd.function.Function'> should not be instantiated")
 @pytest.mark.parametrize("layout", ["bsc", "sbc"])

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from widesparse.layers import PermutedKronLinear
-from widesparse.linalg import gather_bits, invert_perm, permute_last, permute_with, vec_positions, vec_to_rowmajor
+from widesparse.linalg import invert_perm, permute_last, vec_positions, vec_to_rowmajor
+from widesparse.models.gathers import compose_gathers, gather_sbc_to_bsc, permute_bsc, permute_sbc
 
 __all__ = [
     "PatchEmbed",
@@ -201,9 +202,9 @@ class MixingMlp(nn.Module):
         return F.linear(h, layer.weight, layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x if self.idx_in is None else _permute_bsc(x, self.idx_in, self.inv_in)
+        h = x if self.idx_in is None else permute_bsc(x, self.idx_in, self.inv_in)
         h = self.forward_inner(h)
-        return h if self.idx_out is None else _permute_bsc(h, self.idx_out, self.inv_out)
+        return h if self.idx_out is None else permute_bsc(h, self.idx_out, self.inv_out)
 
     def forward_inner(self, x: Tensor, sbc: bool = False) -> Tensor:
         """``fc1 -> act -> fc2`` without ``J_1``/``J_2`` (:func:`sublayer_chain` applies them, composed)."""
@@ -237,7 +238,7 @@ class MixingMlp(nn.Module):
             dtype = x.dtype
             if dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
                 dtype = torch.get_autocast_dtype(x.device.type)  # fc1 casts anyway: cast in the same pass
-            h = _GatherFromSbc.apply(x, self.idx_in, self.inv_in, dtype).view(B, S, C)
+            h = gather_sbc_to_bsc(x, self.idx_in, self.inv_in, dtype).view(B, S, C)
             if token:  # the token GEMM wants (S, B*C)
                 h = h.transpose(0, 1).contiguous()
         # channel mixing takes any row order of (tokens x examples, C): it stays batch-major after J_1
@@ -248,54 +249,6 @@ class MixingMlp(nn.Module):
         flat = h.reshape(B, S * C) if batch_major else h.transpose(0, 1).reshape(B, S * C)
         # contiguous: a residual add of mixed dtypes over a strided operand measured 2x slower than this copy + add
         return permute_last(flat, self.idx_out, self.inv_out).view(B, S, C).transpose(0, 1).contiguous()
-
-
-class _GatherFromSbc(torch.autograd.Function):
-    """``(S, B, C)`` tensor -> per-example gather of its row-major ``(S, C)`` positions, batch-major ``(B, S*C)``
-    out; the cast to ``dtype`` and the transposed copy share one pass. Backward: one gather, one copy back."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, idx: Tensor, inv: Tensor, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
-        S, B, C = x.shape
-        ctx.save_for_backward(inv)
-        ctx.shape, ctx.dtype = x.shape, x.dtype
-        t = torch.empty((B, S, C), dtype=dtype, device=x.device)
-        t.copy_(x.transpose(0, 1))
-        return gather_bits(t.view(B, S * C), 1, idx.expand(B, S * C))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
-        (inv,) = ctx.saved_tensors
-        S, B, C = ctx.shape
-        g = gather_bits(grad.contiguous(), 1, inv.expand(B, S * C)).view(B, S, C)
-        out = torch.empty(ctx.shape, dtype=ctx.dtype, device=grad.device)
-        out.copy_(g.transpose(0, 1))
-        return out, None, None, None
-
-
-def _gather_sbc(x: Tensor, idx: Tensor) -> Tensor:
-    """``y[s, b, c] = x[idx(s, c), b]`` per example on ``(S, B, C)``: one transposed copy in, the broadcast gather,
-    one transposed copy out (the fastest route measured on CPU)."""
-    S, B, C = x.shape
-    y = gather_bits(x.transpose(0, 1).reshape(B, S * C), 1, idx.expand(B, S * C))
-    return y.view(B, S, C).transpose(0, 1).contiguous()
-
-
-def _permute_sbc(x: Tensor, idx: Tensor, inv: Tensor | None) -> Tensor:
-    """Per-example permutation of row-major ``(S, C)`` positions on an ``(S, B, C)`` tensor (one autograd node)."""
-    return permute_with(x, idx, inv, _gather_sbc)
-
-
-def _permute_bsc(x: Tensor, idx: Tensor, inv: Tensor | None) -> Tensor:
-    B, S, C = x.shape
-    return permute_last(x.reshape(B, S * C), idx, inv).view(B, S, C)
-
-
-def _compose(first: Tensor | None, then: Tensor | None) -> Tensor | None:
-    """The gather index of ``y = z[..., first]`` followed by ``y[..., then]`` (``None`` is the identity)."""
-    if first is None or then is None:
-        return then if first is None else first
-    return first[then]
 
 
 def sublayer_chain(blocks: Sequence[nn.Module], x: Tensor, sbc: bool) -> Tensor | None:
@@ -311,13 +264,13 @@ def sublayer_chain(blocks: Sequence[nn.Module], x: Tensor, sbc: bool) -> Tensor 
     steps = [(b.mlp_tokens if i == 0 else b.mlp_channels, b.act) for b in blocks for i in (0, 1)]
     if all(m.idx_in is None and m.idx_out is None for m, _ in steps):
         return None
-    permute = _permute_sbc if sbc else _permute_bsc
+    permute = permute_sbc if sbc else permute_bsc
     if steps[0][0].idx_in is not None:
         x = permute(x, steps[0][0].idx_in, steps[0][0].inv_in)
     for k, (mlp, act) in enumerate(steps):
         x = mlp.forward_inner(x, sbc)
         nxt = steps[k + 1][0].idx_in if k + 1 < len(steps) else None
-        idx = _compose(mlp.idx_out, nxt)
+        idx = compose_gathers(mlp.idx_out, nxt)
         if idx is not None:
             x = permute(x, idx, mlp.inv_out if nxt is None else None)
         x = act(x)
