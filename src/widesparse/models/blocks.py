@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from widesparse.kernels import linear_first, linear_last
 from widesparse.layers import PermutedKronLinear
 from widesparse.linalg import invert_perm, permute_last, vec_positions, vec_to_rowmajor
 from widesparse.models.gathers import compose_gathers, gather_sbc_to_bsc, permute_bsc, permute_sbc
@@ -100,7 +101,7 @@ class PatchEmbed(nn.Module):
         B, K = x.shape[0], x.shape[1]
         (gh, gw), (ph, pw) = self.grid_size, self.patch_size
         patches = x.reshape(B, K, gh, ph, gw, pw).permute(2, 4, 0, 1, 3, 5).reshape(gh * gw, B, K * ph * pw)
-        return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
+        return linear_last(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 
 class DropPath(nn.Module):
@@ -199,7 +200,7 @@ class MixingMlp(nn.Module):
     def _linear(self, h: Tensor, layer: PermutedKronLinear) -> Tensor:
         if self.axis == "token":  # W @ X on (B, S, C) as a 1x1 convolution: no transposed copies (measured faster)
             return F.conv1d(h, layer.weight.unsqueeze(-1), layer.bias)
-        return F.linear(h, layer.weight, layer.bias)
+        return linear_last(h, layer.weight, layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         h = x if self.idx_in is None else permute_bsc(x, self.idx_in, self.inv_in)
@@ -213,13 +214,10 @@ class MixingMlp(nn.Module):
         return h if self.fc2 is None else lin(self.act(h), self.fc2)
 
     def _linear_sbc(self, h: Tensor, layer: PermutedKronLinear) -> Tensor:
-        if self.axis == "token":  # W @ X for all examples at once: one GEMM on the (S, B*C) view, bias fused
+        if self.axis == "token":  # W @ X for all examples at once: one product on the (S, B*C) view, bias fused
             S, B, C = h.shape
-            w = layer.weight
-            flat = h.reshape(S, B * C)
-            out = w @ flat if layer.bias is None else torch.addmm(layer.bias.unsqueeze(-1), w, flat)
-            return out.view(w.shape[0], B, C)
-        return F.linear(h, layer.weight, layer.bias)
+            return linear_first(layer.weight, h.reshape(S, B * C), layer.bias).view(-1, B, C)
+        return linear_last(h, layer.weight, layer.bias)
 
     def forward_sbc(self, x: Tensor) -> Tensor:
         """:meth:`forward` on the token-major layout ``(S, B, C)``: the same values, no transposed copies.

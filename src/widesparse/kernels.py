@@ -1,0 +1,51 @@
+"""Which kernel runs a dense product: the float32 CPU route through oneDNN.
+
+PyTorch sends a float32 ``F.linear``/``mm`` on the CPU to its BLAS (MKL in the official wheels), which on AMD
+processors runs a path without AVX-512: on the 2-core AMD EPYC of our benchmarks it reached 211 GFLOP/s on a
+2048^3 product where oneDNN, PyTorch's other CPU backend, reached 469 GFLOP/s at IEEE float32 accuracy. A
+1x1 convolution is the same product and always runs on oneDNN, forward and backward, so on the CPU in float32
+these functions compute the linear maps of the Mixer family as 1x1 convolutions (channel-last views, no
+copies). Elsewhere (CUDA, bf16 autocast, whose CPU matmuls already use oneDNN, float64, or no oneDNN) they are
+plain ``F.linear``/``addmm``. Values are the same up to float32 summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["linear_last", "linear_first", "use_onednn"]
+
+_ONEDNN = torch.backends.mkldnn.is_available()  # once: torch.compile must not trace the check
+
+
+def use_onednn(x: Tensor) -> bool:
+    """Whether ``x`` takes the oneDNN route: a contiguous float32 CPU tensor outside autocast."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and _ONEDNN
+        and torch.backends.mkldnn.enabled
+        and x.is_contiguous()
+    )
+
+
+def linear_last(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` over the last axis of ``x`` (``weight``: ``(out, in)``)."""
+    if not use_onednn(x) or weight.dtype != x.dtype:
+        return F.linear(x, weight, bias)
+    n_in = x.shape[-1]
+    # (..., in) as a channels-last (1, in, M, 1) image: the output comes back channels-last, i.e. (..., out)
+    img = x.reshape(1, -1, 1, n_in).permute(0, 3, 1, 2)
+    y = F.conv2d(img, weight.reshape(weight.shape[0], n_in, 1, 1), bias)
+    return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def linear_first(weight: Tensor, x: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``weight @ x + bias[:, None]`` over the first axis of a 2-D ``x`` (``weight``: ``(out, in)``)."""
+    if not use_onednn(x) or weight.dtype != x.dtype:
+        return weight @ x if bias is None else torch.addmm(bias.unsqueeze(-1), weight, x)
+    # (in, N) is a channels-first 1-D signal of length N: one 1x1 convolution
+    return F.conv1d(x.unsqueeze(0), weight.unsqueeze(-1), bias).squeeze(0)
