@@ -1,7 +1,8 @@
 """Run every benchmark that applies to this machine and print one table of ratios against the peers.
 
 Each ``bench_*.py`` runs in its own process (quick mode with ``--quick``) and writes its usual JSON; this
-script measures the machine's own fp32 and bf16 GEMM peak (4096^3 matmuls, best of N), collects every
+script measures the machine's own fp32 and bf16 GEMM peak (4096^3 products, best of N, the faster of torch.mm and
+oneDNN: on AMD CPUs MKL's float32 torch.mm runs at half the oneDNN rate), collects every
 benchmark's ratio against its peer with the issue's target, and writes everything to
 ``benchmarks/results/<machine>-<date>.json`` (machine: a slug of the CPU model or GPU name). MFU is the
 model-FLOP rate of a run over the measured peak of its precision. A peer that is not installed (the ``bench``
@@ -49,19 +50,11 @@ def machine_slug() -> str:
 
 
 def gemm_peak(dtype: torch.dtype, device: str, n: int = 4096, reps: int = 5) -> float:
-    """Best GFLOP/s of an ``n^3`` matmul in ``dtype`` (best of ``reps`` after one warm-up)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    a @ b
-    sync()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+    """Best GFLOP/s of an ``n^3`` product in ``dtype`` over the routes of :func:`widesparse.kernels.gemm_peaks`
+    (``torch.mm``, and oneDNN on the CPU, which is twice MKL's float32 rate on AMD processors)."""
+    from widesparse.kernels import gemm_peaks
+
+    return max(gemm_peaks(dtype, device, n=n, reps=reps).values())
 
 
 # ------------------------------------------------------------------------------------- per-benchmark rows

@@ -11,11 +11,13 @@ plain ``F.linear``/``addmm``. Values are the same up to float32 summation order.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["linear_last", "linear_first", "use_onednn"]
+__all__ = ["linear_last", "linear_first", "use_onednn", "gemm_peaks"]
 
 _ONEDNN = torch.backends.mkldnn.is_available()  # once: torch.compile must not trace the check
 
@@ -49,3 +51,26 @@ def linear_first(weight: Tensor, x: Tensor, bias: Tensor | None = None) -> Tenso
         return weight @ x if bias is None else torch.addmm(bias.unsqueeze(-1), weight, x)
     # (in, N) is a channels-first 1-D signal of length N: one 1x1 convolution
     return F.conv1d(x.unsqueeze(0), weight.unsqueeze(-1), bias).squeeze(0)
+
+
+def gemm_peaks(dtype: torch.dtype, device: str = "cpu", n: int = 2048, reps: int = 5) -> dict[str, float]:
+    """Best GFLOP/s of an ``n^3`` product per route: ``"mm"`` (``torch.mm``) and, on the CPU, ``"onednn"``
+    (:func:`linear_last`, which is oneDNN in float32 and ``F.linear`` otherwise). MFU is quoted against the max."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    routes = {"mm": lambda: a @ b}
+    if torch.device(device).type == "cpu":
+        routes["onednn"] = lambda: linear_last(a, b)
+    peaks = {}
+    for name, fn in routes.items():
+        fn()
+        sync()
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            sync()
+            best = min(best, time.perf_counter() - t)
+        peaks[name] = 2 * n**3 / best / 1e9
+    return peaks

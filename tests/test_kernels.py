@@ -1,0 +1,50 @@
+"""The float32 CPU route of the Mixer's linear maps (1x1 convolutions on oneDNN) against F.linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from widesparse.kernels import gemm_peaks, linear_first, linear_last, use_onednn
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(7, 5), (3, 4, 5), (2, 3, 4, 5)])
+def test_linear_last_matches_f_linear_with_gradients(shape, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    w = torch.randn(6, shape[-1], generator=g, requires_grad=True)
+    b = torch.randn(6, generator=g, requires_grad=True) if bias else None
+    y, ref = linear_last(x, w, b), F.linear(x, w, b)
+    assert y.shape == ref.shape and y.is_contiguous()
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+    params = [x, w] + ([b] if bias else [])
+    gy = torch.randn(ref.shape, generator=g)
+    for a, r in zip(torch.autograd.grad(y, params, gy), torch.autograd.grad(ref, params, gy), strict=True):
+        assert torch.allclose(a, r, rtol=1e-5, atol=1e-4)
+
+
+def test_linear_last_takes_the_onednn_route_only_for_contiguous_float32_outside_autocast():
+    x = torch.randn(4, 3)
+    assert use_onednn(x) == torch.backends.mkldnn.is_available()
+    assert not use_onednn(x.double()) and not use_onednn(x.t())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not use_onednn(x)
+        assert linear_last(x, torch.randn(2, 3)).dtype == torch.bfloat16  # autocast's own F.linear
+    xd, wd = torch.randn(5, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    assert torch.equal(linear_last(xd, wd), F.linear(xd, wd))  # float64 is exactly F.linear
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_first_is_weight_times_columns_plus_bias(dtype):
+    g = torch.Generator().manual_seed(1)
+    w, x, b = (torch.randn(*s, generator=g, dtype=dtype) for s in ((4, 3), (3, 10), (4,)))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(linear_first(w, x, b), w @ x + b[:, None], rtol=tol, atol=tol)
+    assert torch.allclose(linear_first(w, x), w @ x, rtol=tol, atol=tol)
+
+
+def test_gemm_peaks_reports_each_route():
+    peaks = gemm_peaks(torch.float32, n=64, reps=1)
+    assert set(peaks) == {"mm", "onednn"} and all(v > 0 for v in peaks.values())
