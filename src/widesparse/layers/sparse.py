@@ -26,10 +26,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from widesparse.kernels import linear_last
 from widesparse.layers.base import StructuredLinear
 
 __all__ = ["MaskedLinear", "SparseLinear", "MaskKind", "InitRule", "mask_row_counts", "mask_indices",
@@ -308,7 +308,7 @@ class MaskedLinear(_MaskedBase):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight if self.mask is None else self.weight * self.mask
-        return F.linear(x, w, self.bias)
+        return linear_last(x, w, self.bias)  # float32 CPU: oneDNN, twice MKL's rate on AMD (widesparse.kernels)
 
     def effective_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         w = self.weight.detach().to(dtype or self.weight.dtype)
