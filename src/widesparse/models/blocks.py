@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from widesparse.kernels import linear_first, linear_last
+from widesparse.kernels import linear_first, linear_last, use_onednn
 from widesparse.layers import PermutedKronLinear
 from widesparse.linalg import invert_perm, permute_last, vec_positions, vec_to_rowmajor
 from widesparse.models.gathers import compose_gathers, gather_sbc_to_bsc, permute_bsc, permute_sbc
@@ -173,7 +173,7 @@ class MixingMlp(nn.Module):
             self.fc1 = PermutedKronLinear(n, int(hidden), k, perm_in=perm, seed=seed, **kw)
             self.act = act_layer()
             self.fc2 = PermutedKronLinear(int(hidden), n, k, perm_out=perm, seed=seed, **kw)
-        for name in ("idx_in", "idx_out", "inv_in", "inv_out"):
+        for name in ("idx_in", "idx_out", "inv_in", "inv_out", "idx_in_t", "idx_out_t", "inv_in_t", "inv_out_t"):
             self.register_buffer(name, None, persistent=False)
         self.refresh_gather_indices()
         self.register_load_state_dict_post_hook(_refresh_after_load)
@@ -196,6 +196,12 @@ class MixingMlp(nn.Module):
         self.idx_out = None if p_out is None else vec_to_rowmajor(p_out[vp], S, C)
         self.inv_in = None if self.idx_in is None else invert_perm(self.idx_in)
         self.inv_out = None if self.idx_out is None else invert_perm(self.idx_out)
+        # the same gathers into / out of channel-major (B, C, S) storage (token mixing over the last axis)
+        to_cs = None if self.axis != "token" else (lambda p: (p % C) * S + p // C)
+        self.idx_in_t = None if self.idx_in is None or to_cs is None else self.idx_in.view(S, C).t().reshape(-1)
+        self.idx_out_t = None if self.idx_out is None or to_cs is None else to_cs(self.idx_out)
+        self.inv_in_t = None if self.idx_in_t is None else invert_perm(self.idx_in_t)
+        self.inv_out_t = None if self.idx_out_t is None else invert_perm(self.idx_out_t)
 
     def _linear(self, h: Tensor, layer: PermutedKronLinear) -> Tensor:
         if self.axis == "token":  # W @ X on (B, S, C) as a 1x1 convolution: no transposed copies (measured faster)
@@ -203,15 +209,38 @@ class MixingMlp(nn.Module):
         return linear_last(h, layer.weight, layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.axis == "token" and use_onednn(x):
+            return self._forward_token_last(x)
         h = x if self.idx_in is None else permute_bsc(x, self.idx_in, self.inv_in)
         h = self.forward_inner(h)
         return h if self.idx_out is None else permute_bsc(h, self.idx_out, self.inv_out)
 
-    def forward_inner(self, x: Tensor, sbc: bool = False) -> Tensor:
-        """``fc1 -> act -> fc2`` without ``J_1``/``J_2`` (:func:`sublayer_chain` applies them, composed)."""
-        lin = self._linear_sbc if sbc else self._linear
+    def _forward_token_last(self, x: Tensor) -> Tensor:
+        """Token mixing on channel-major ``(B, C, S)`` storage, a linear map over its last axis: on the float32 CPU
+        route (:mod:`widesparse.kernels`) its products measured 1.5x faster forward + backward than the 1x1
+        convolution over ``(B, S, C)``. ``J_1``/``J_2`` gather straight into and out of that storage, so the
+        RP-Mixer pays no transposed copy; the plain Mixer pays one each way."""
+        B, S, C = x.shape
+        if self.idx_in_t is None:
+            h = x.transpose(1, 2).contiguous()
+        else:
+            h = permute_last(x.reshape(B, S * C), self.idx_in_t, self.inv_in_t).view(B, C, S)
+        h = self.forward_inner(h, last=True)
+        if self.idx_out_t is None:
+            return h.transpose(1, 2).contiguous()
+        return permute_last(h.reshape(B, C * S), self.idx_out_t, self.inv_out_t).view(B, S, C)
+
+    def forward_inner(self, x: Tensor, sbc: bool = False, last: bool = False) -> Tensor:
+        """``fc1 -> act -> fc2`` without ``J_1``/``J_2`` (:func:`sublayer_chain` applies them, composed).
+
+        ``sbc``: ``x`` is token-major ``(S, B, C)``; ``last``: the mixed axis is ``x``'s last one."""
+        lin = self._linear_last if last else self._linear_sbc if sbc else self._linear
         h = lin(x, self.fc1)
         return h if self.fc2 is None else lin(self.act(h), self.fc2)
+
+    @staticmethod
+    def _linear_last(h: Tensor, layer: PermutedKronLinear) -> Tensor:
+        return linear_last(h, layer.weight, layer.bias)
 
     def _linear_sbc(self, h: Tensor, layer: PermutedKronLinear) -> Tensor:
         if self.axis == "token":  # W @ X for all examples at once: one product on the (S, B*C) view, bias fused
