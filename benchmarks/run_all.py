@@ -83,6 +83,15 @@ def rows_mixer(res: dict, peaks: dict[str, float]) -> list[Row]:
     return rows
 
 
+def rows_mixer_gpu(res: dict, peaks: dict[str, float]) -> list[Row]:
+    runs, note = res["runs"], "" if "timm" in res["runs"] else res.get("timm", "")
+    ours = runs["mixer"]["step_s"]
+    return [_row("mixer-b16 gpu bf16 compiled vs timm", ours, runs.get("timm", {}).get("step_s"), 1.0,
+                 mfu=runs["mixer"]["mfu"], note=note),
+            _row("rp_mixer-b16 gpu bf16 vs our mixer", runs["rp_mixer"]["step_s"], ours, 0.9,
+                 mfu=runs["rp_mixer"]["mfu"])]
+
+
 def rows_sparse(res: dict, peaks: dict[str, float]) -> list[Row]:
     t = res.get("targets", {}).get("m4096_p1_64", {})
     rows = []
@@ -138,14 +147,16 @@ def rows_memory(res: dict, peaks: dict[str, float]) -> list[Row]:
     return rows
 
 
-# name: (script, quick args, full args, applies on cuda, row extractor)
-BENCHMARKS: dict[str, tuple[str, list[str], list[str], bool, Callable[[dict, dict[str, float]], list[Row]]]] = {
-    "mixer": ("bench_mixer.py", ["--quick"], [], False, rows_mixer),
-    "memory": ("bench_memory.py", ["--quick"], [], True, rows_memory),
-    "sparse": ("bench_sparse.py", ["--quick"], [], True, rows_sparse),
-    "monarch": ("bench_monarch.py", ["--quick"], [], True, rows_monarch),
-    "cka": ("bench_cka.py", ["--quick"], [], True, rows_cka),
-    "train": ("bench_train.py", ["--quick"], [], True, rows_train),
+# name: (script, quick args, full args, devices it applies to, row extractor)
+Extractor = Callable[[dict, dict[str, float]], list[Row]]
+BENCHMARKS: dict[str, tuple[str, list[str], list[str], tuple[str, ...], Extractor]] = {
+    "mixer": ("bench_mixer.py", ["--quick"], [], ("cpu",), rows_mixer),
+    "mixer_gpu": ("bench_mixer_gpu.py", ["--rounds", "2", "--steps", "5"], [], ("cuda",), rows_mixer_gpu),
+    "memory": ("bench_memory.py", ["--quick"], [], ("cpu", "cuda"), rows_memory),
+    "sparse": ("bench_sparse.py", ["--quick"], [], ("cpu", "cuda"), rows_sparse),
+    "monarch": ("bench_monarch.py", ["--quick"], [], ("cpu", "cuda"), rows_monarch),
+    "cka": ("bench_cka.py", ["--quick"], [], ("cpu", "cuda"), rows_cka),
+    "train": ("bench_train.py", ["--quick"], [], ("cpu", "cuda"), rows_train),
 }
 
 
@@ -193,10 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gemm-reps", type=int, default=None)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
-    applicable = [n for n, spec in BENCHMARKS.items() if spec[3] or not cuda]
+    applicable = [n for n, spec in BENCHMARKS.items() if ("cuda" if cuda else "cpu") in spec[3]]
     if args.list:
         for n in BENCHMARKS:
-            print(f"{n:<8} {BENCHMARKS[n][0]:<18} {'' if n in applicable else '(not on this machine)'}")
+            print(f"{n:<10} {BENCHMARKS[n][0]:<20} {'' if n in applicable else '(not on this machine)'}")
         return 0
     names = applicable
     if args.only:
