@@ -150,6 +150,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         torch.set_num_threads(old_threads)
 
 
+_FUSED_ADAMW = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 class _Trainer:
     """One run (one rank's part of it): set up from a config (and a checkpoint when resuming), then :meth:`run`."""
 
@@ -178,7 +181,10 @@ class _Trainer:
         if c.compile:
             self.forward = torch.compile(self.forward)
         self.steps_per_epoch = math.ceil(n / c.batch_size)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, c.weight_decay), lr=c.lr)
+        # fused: one kernel for all parameters (CPU and CUDA), measured 0.6 ms vs 2.8 ms per step of the for-loop
+        # default on the issue-13 CPU workload (1.1 M parameters in 102 tensors)
+        fused = device.type in ("cpu", "cuda") and all(p.dtype in _FUSED_ADAMW for p in self.model.parameters())
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, c.weight_decay), lr=c.lr, fused=fused or None)
         total, warmup = c.epochs * self.steps_per_epoch, c.warmup_epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total, warmup))
         # Restorable progress: epochs finished, steps done in the next one (with its partial sums), history.
