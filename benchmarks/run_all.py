@@ -76,11 +76,21 @@ def rows_mixer(res: dict, peaks: dict[str, float]) -> list[Row]:
         targets = {"lucidrains": 1.1 if prec == "fp32" else 1.15, "timm": 1.1 if prec == "fp32" else None}
         for peer, target in targets.items():
             p = runs.get(peer, {}).get("step_s")
-            rows.append(_row(f"mixer {prec} vs {peer}", ours, p, target, mfu=mfu,
-                             note="" if p else "peer not installed" if peer == "lucidrains" else "no --timm-python"))
-        rp = runs["widesparse_rp_mixer"]["step_s"]
-        rows.append(_row(f"rp_mixer {prec} vs our mixer", rp, ours, 0.9, mfu=gflop / rp / peaks[prec]))
+            rows.append(_paired(_row(f"mixer {prec} vs {peer}", ours, p, target, mfu=mfu, note="" if p else
+                                     "peer not installed" if peer == "lucidrains" else "no --timm-python"),
+                                runs.get(peer, {}).get("our_speedup_vs_this")))
+        rp = runs["widesparse_rp_mixer"]
+        ratio = rp.get("our_speedup_vs_this")
+        rows.append(_paired(_row(f"rp_mixer {prec} vs our mixer", rp["step_s"], ours, 0.9,
+                                 mfu=gflop / rp["step_s"] / peaks[prec]), None if ratio is None else 1 / ratio))
     return rows
+
+
+def _paired(row: Row, ratio: float | None) -> Row:
+    """Use bench_mixer's median of per-round ratios (robust to load) instead of the ratio of the best steps."""
+    if ratio is None or row["target"] is None:
+        return row
+    return {**row, "ratio": ratio, "pass": ratio >= row["target"]}
 
 
 def rows_mixer_gpu(res: dict, peaks: dict[str, float]) -> list[Row]:
