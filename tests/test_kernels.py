@@ -48,3 +48,14 @@ def test_linear_first_is_weight_times_columns_plus_bias(dtype):
 def test_gemm_peaks_reports_each_route():
     peaks = gemm_peaks(torch.float32, n=64, reps=1)
     assert set(peaks) == {"mm", "onednn"} and all(v > 0 for v in peaks.values())
+
+
+def test_keep_freed_memory_sets_glibc_thresholds_where_glibc_is():
+    import platform
+
+    from widesparse.kernels import keep_freed_memory
+
+    ok = keep_freed_memory()
+    assert isinstance(ok, bool)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert ok
