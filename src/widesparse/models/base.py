@@ -8,16 +8,16 @@ A model using it has ``stem`` (images -> ``(B, S, C)``), ``blocks`` whose elemen
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from widesparse.models.blocks import resolve_indices, sublayer_chain
+from widesparse.models.blocks import sublayer_chain
 
-__all__ = ["MixerSurface"]
+__all__ = ["MixerSurface", "collect_intermediates", "resolve_indices"]
 
 
 class MixerSurface(nn.Module):
@@ -120,21 +120,56 @@ class MixerSurface(nn.Module):
             output_fmt: ``"NLC"`` gives ``(B, S, C)``; ``"vec"`` gives column-major ``vec X`` of shape ``(B, S*C)``.
             intermediates_only: return only the list.
         """
-        n = 2 * len(self.blocks)
-        take = resolve_indices(indices, n)
         if output_fmt not in ("NLC", "vec"):
             raise ValueError(f"output_fmt must be 'NLC' or 'vec', got {output_fmt!r}")
-        feats: list[Tensor] = []
-        x = self.stem(x)
-        last = max(take) if (stop_early or intermediates_only) and take else n - 1
-        for j in range(last + 1):
-            blk = self.blocks[j // 2]
-            x = blk.forward_token(x) if j % 2 == 0 else blk.forward_channel(x)
-            if j in take:
-                f = self.norm(x) if norm else x
-                feats.append(f.transpose(1, 2).reshape(f.shape[0], -1) if output_fmt == "vec" else f)
-        if intermediates_only:
-            return feats
-        if last < n - 1:
-            raise ValueError("stop_early=True leaves the final features uncomputed; use intermediates_only=True")
-        return self.norm(x), feats
+        steps = [f for blk in self.blocks for f in (blk.forward_token, blk.forward_channel)]
+
+        def feature(h: Tensor) -> Tensor:
+            f = self.norm(h) if norm else h
+            return f.transpose(1, 2).reshape(f.shape[0], -1) if output_fmt == "vec" else f
+
+        return collect_intermediates(steps, self.stem(x), indices, stop_early, intermediates_only, feature, self.norm)
+
+
+def resolve_indices(indices: int | Sequence[int] | None, n: int, what: str = "mixing sublayers") -> list[int]:
+    """Sorted indices from ``None`` (all), an int (the last n) or a list (negative allowed) of ``n`` ``what``."""
+    if indices is None:
+        return list(range(n))
+    if isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise ValueError(f"indices={indices}: ask for between 1 and {n} final {what}")
+        return list(range(n - indices, n))
+    out = []
+    for i in indices:
+        if not -n <= i < n:
+            raise ValueError(f"index {i} out of range for {n} {what}")
+        out.append(i % n)
+    return sorted(set(out))
+
+
+def collect_intermediates(
+    steps: Sequence[Callable[[Tensor], Tensor]],
+    h: Tensor,
+    indices: int | Sequence[int] | None,
+    stop_early: bool,
+    intermediates_only: bool,
+    feature: Callable[[Tensor], Tensor],
+    final: Callable[[Tensor], Tensor],
+    what: str = "mixing sublayers",
+) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+    """The loop of every ``forward_intermediates``: run ``steps`` on ``h``, keep ``feature(h)`` after the steps
+    named by ``indices`` (see :func:`resolve_indices`), stop after the last one when asked, and return the list
+    alone or ``(final(h), list)``."""
+    n = len(steps)
+    take = resolve_indices(indices, n, what)
+    last = max(take) if (stop_early or intermediates_only) and take else n - 1
+    feats: list[Tensor] = []
+    for j in range(last + 1):
+        h = steps[j](h)
+        if j in take:
+            feats.append(feature(h))
+    if intermediates_only:
+        return feats
+    if last < n - 1:
+        raise ValueError("stop_early=True leaves the final features uncomputed; use intermediates_only=True")
+    return final(h), feats

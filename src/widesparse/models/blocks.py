@@ -30,7 +30,7 @@ __all__ = [
     "ACT_LAYERS",
     "to_2tuple",
     "drop_path_rates",
-    "resolve_indices",
+    "TwoSublayerBlock",
 ]
 
 ACT_LAYERS: dict[str, type[nn.Module]] = {
@@ -308,7 +308,30 @@ def _refresh_after_load(module: MixingMlp, _incompatible: object) -> None:
     module.refresh_gather_indices()
 
 
-class MixerBlock(nn.Module):
+class TwoSublayerBlock(nn.Module):
+    """A block of two mixing sublayers: ``_step(x, norm1, mlp_tokens)`` then ``_step(x, norm2, mlp_channels)``."""
+
+    norm1: nn.Module
+    norm2: nn.Module
+    mlp_tokens: nn.Module
+    mlp_channels: nn.Module
+
+    def _step(self, x: Tensor, norm: nn.Module, mlp: Callable[[Tensor], Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def forward_token(self, x: Tensor) -> Tensor:
+        """The first sublayer, at the Mixer's token-mixing position (its output is one intermediate feature)."""
+        return self._step(x, self.norm1, self.mlp_tokens)
+
+    def forward_channel(self, x: Tensor) -> Tensor:
+        """The second sublayer, at the Mixer's channel-mixing position."""
+        return self._step(x, self.norm2, self.mlp_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_channel(self.forward_token(x))
+
+
+class MixerBlock(TwoSublayerBlock):
     """Token mixing then channel mixing (PAPER.md (1)-(2)); S-Mixer form with ``norm=False, residual=False``.
 
     Mixer: ``U = X + MLP_tok(LN(X))``, ``Y = U + MLP_ch(LN(U))``. S-Mixer (PAPER.md (3)): ``H = act(mix_tok(X))``,
@@ -351,17 +374,6 @@ class MixerBlock(nn.Module):
             return y
         return x + (self.drop_path(y, batch_dim) if isinstance(self.drop_path, DropPath) else y)
 
-    def forward_token(self, x: Tensor) -> Tensor:
-        """Token-mixing sublayer (its output is one intermediate feature)."""
-        return self._step(x, self.norm1, self.mlp_tokens)
-
-    def forward_channel(self, x: Tensor) -> Tensor:
-        """Channel-mixing sublayer."""
-        return self._step(x, self.norm2, self.mlp_channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_channel(self.forward_token(x))
-
     def forward_sbc(self, x: Tensor) -> Tensor:
         """:meth:`forward` on the token-major layout ``(S, B, C)`` (LayerNorm is over ``C`` in both layouts)."""
         x = self._step(x, self.norm1, self.mlp_tokens.forward_sbc, 1)
@@ -385,19 +397,3 @@ def drop_path_rates(rate: float, depth: int, schedule: str) -> list[float]:
     if schedule != "linear":
         raise ValueError(f"drop_path_schedule must be 'linear' or 'uniform', got {schedule!r}")
     return [rate * i / max(depth - 1, 1) for i in range(depth)]
-
-
-def resolve_indices(indices: int | Sequence[int] | None, n: int) -> list[int]:
-    """Sorted sublayer indices from ``None`` (all), an int (the last n) or a list (negative allowed)."""
-    if indices is None:
-        return list(range(n))
-    if isinstance(indices, int):
-        if not 0 < indices <= n:
-            raise ValueError(f"indices={indices}: ask for between 1 and {n} final sublayers")
-        return list(range(n - indices, n))
-    out = []
-    for i in indices:
-        if not -n <= i < n:
-            raise ValueError(f"sublayer index {i} out of range for {n} mixing sublayers")
-        out.append(i % n)
-    return sorted(set(out))

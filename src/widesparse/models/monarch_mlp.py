@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 from widesparse.layers.monarch import MonarchLinear, TiedMonarchLinear
 from widesparse.linalg import unvec, vec
+from widesparse.models.base import collect_intermediates
 from widesparse.models.blocks import resolve_act_layer, to_2tuple
 from widesparse.models.registry import register_model
 
@@ -160,35 +162,14 @@ class MonarchMlp(nn.Module):
         """
         if output_fmt not in ("NLC", "vec"):
             raise ValueError(f"output_fmt must be 'NLC' or 'vec', got {output_fmt!r}")
-        n = len(self.layers)
-        take = _resolve_indices(indices, n)
-        last = max(take) if (stop_early or intermediates_only) and take else n - 1
-        h = self.to_vec(x)
-        feats: list[Tensor] = []
-        for i in range(last + 1):
-            h = self._layer(i, h)
-            if i in take:
-                feats.append(h if output_fmt == "vec" else unvec(h, self.num_tokens, self.dim))
-        if intermediates_only:
-            return feats
-        if last < n - 1:
-            raise ValueError("stop_early=True leaves the final features uncomputed; use intermediates_only=True")
-        return unvec(h, self.num_tokens, self.dim), feats
+        steps = [partial(self._layer, i) for i in range(len(self.layers))]
 
+        def as_matrix(h: Tensor) -> Tensor:
+            return unvec(h, self.num_tokens, self.dim)
 
-def _resolve_indices(indices: int | Sequence[int] | None, n: int) -> list[int]:
-    if indices is None:
-        return list(range(n))
-    if isinstance(indices, int):
-        if not 0 < indices <= n:
-            raise ValueError(f"indices={indices}: ask for between 1 and {n} final layers")
-        return list(range(n - indices, n))
-    out = []
-    for i in indices:
-        if not -n <= i < n:
-            raise ValueError(f"layer index {i} out of range for {n} layers")
-        out.append(i % n)
-    return sorted(set(out))
+        feature = (lambda h: h) if output_fmt == "vec" else as_matrix
+        return collect_intermediates(steps, self.to_vec(x), indices, stop_early, intermediates_only, feature,
+                                     as_matrix, what="layers")
 
 
 # ------------------------------------------------------------------------------------------------ registry

@@ -47,6 +47,7 @@ from widesparse.models.base import MixerSurface
 from widesparse.models.blocks import (
     DropPath,
     PatchEmbed,
+    TwoSublayerBlock,
     drop_path_rates,
     lecun_normal_,
     resolve_act_layer,
@@ -79,7 +80,7 @@ class SparseMlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class SwBlock(nn.Module):
+class SwBlock(TwoSublayerBlock):
     """Two residual masked MLPs on ``vec X`` at the Mixer's token and channel positions (``(B, S, C)`` in and out)."""
 
     def __init__(self, num_tokens: int, dim: int, hidden: tuple[int, int], layer: Callable[..., nn.Module],
@@ -98,17 +99,6 @@ class SwBlock(nn.Module):
         B, S, C = x.shape
         h = mlp(norm(x).transpose(1, 2).reshape(B, S * C))  # vec: column-major over (S, C)
         return x + self.drop_path(h.reshape(B, C, S).transpose(1, 2))
-
-    def forward_token(self, x: Tensor) -> Tensor:
-        """First masked MLP (the Mixer's token-mixing position)."""
-        return self._step(x, self.norm1, self.mlp_tokens)
-
-    def forward_channel(self, x: Tensor) -> Tensor:
-        """Second masked MLP (the Mixer's channel-mixing position)."""
-        return self._step(x, self.norm2, self.mlp_channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_channel(self.forward_token(x))
 
 
 class SwSizes:
