@@ -7,6 +7,8 @@ processors runs a path without AVX-512: on the 2-core AMD EPYC of our benchmarks
 these functions compute the linear maps of the Mixer family as 1x1 convolutions (channel-last views, no
 copies). Elsewhere (CUDA, bf16 autocast, whose CPU matmuls already use oneDNN, float64, or no oneDNN) they are
 plain ``F.linear``/``addmm``. Values are the same up to float32 summation order.
+
+This module imports nothing of the package (below floor 1): any module may use it, ``cka`` included.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from widesparse.kernels import linear_last, use_onednn  # floor 0: imports nothing of the package
+
 F64 = torch.float64
 
 
@@ -69,15 +71,23 @@ def _sym_gram(s: Tensor, blocks: int) -> Tensor:
     g, n, _ = s.shape
     b = max(1, min(int(blocks), n // 32))
     if b == 1:
-        return torch.bmm(s, s.mT)
+        return _bmm_nt(s, s)
     edges = [round(k * n / b) for k in range(b + 1)]
     out = s.new_empty(g, n, n)
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        col = torch.bmm(s[:, lo:], s[:, lo:hi].mT)  # rows lo.., columns lo..hi
+        col = _bmm_nt(s[:, lo:], s[:, lo:hi])  # rows lo.., columns lo..hi
         out[:, lo:, lo:hi] = col
         if hi < n:
             out[:, lo:hi, hi:] = col[:, hi - lo :].mT
     return out
+
+
+def _bmm_nt(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b^T`` per stack entry; float32 on the CPU through oneDNN (:mod:`widesparse.kernels`: 1.8x the
+    batched MKL product on AMD CPUs), else one ``bmm``."""
+    if use_onednn(a[0]) and b.dtype == a.dtype:
+        return torch.stack([linear_last(x, y) for x, y in zip(a, b, strict=True)])
+    return torch.bmm(a, b.mT)
 
 
 def u_center(gram: Tensor, inplace: bool = False) -> Tensor:
