@@ -32,6 +32,9 @@ def test_linear_last_takes_the_onednn_route_only_for_contiguous_float32_outside_
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not use_onednn(x)
         assert linear_last(x, torch.randn(2, 3)).dtype == torch.bfloat16  # autocast's own F.linear
+    assert not use_onednn(torch.randn(0, 3))
+    assert linear_last(torch.randn(2, 0, 3), torch.randn(2, 3)).shape == (2, 0, 2)  # empty: F.linear
+    assert linear_first(torch.randn(2, 3), torch.randn(3, 0)).shape == (2, 0)
     xd, wd = torch.randn(5, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
     assert torch.equal(linear_last(xd, wd), F.linear(xd, wd))  # float64 is exactly F.linear
 

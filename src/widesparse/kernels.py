@@ -26,7 +26,7 @@ _ONEDNN = torch.backends.mkldnn.is_available()  # once: torch.compile must not t
 
 
 def use_onednn(x: Tensor) -> bool:
-    """Whether ``x`` takes the oneDNN route: a contiguous float32 CPU tensor outside autocast."""
+    """Whether ``x`` takes the oneDNN route: a contiguous, non-empty float32 CPU tensor outside autocast."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
@@ -34,6 +34,7 @@ def use_onednn(x: Tensor) -> bool:
         and _ONEDNN
         and torch.backends.mkldnn.enabled
         and x.is_contiguous()
+        and x.numel() > 0
     )
 
 
