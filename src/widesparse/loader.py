@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -208,7 +209,16 @@ class StreamLoader:
     def run(self, batches: Iterable[list[Key]]) -> Iterator[tuple[Tensor, Tensor]]:
         """Decode ``batches`` (lists of keys) in order; yields ``(uint8 images, int64 labels)`` per batch."""
         self._plan.batches = batches
-        return iter(self.loader)
+        starting = self.loader.num_workers > 0 and getattr(self.loader, "_iterator", None) is None
+        if not starting or threading.current_thread() is not threading.main_thread():
+            return iter(self.loader)
+        # The workers start here: they inherit an ignored SIGINT, so a Ctrl-C cannot reach one before its
+        # worker_init_fn has run (seen to kill a worker that had just been forked).
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return iter(self.loader)
+        finally:
+            signal.signal(signal.SIGINT, old if old is not None else signal.SIG_DFL)
 
     def close(self) -> None:
         """Stop the worker processes (also happens when the loader is garbage-collected)."""
