@@ -14,15 +14,23 @@ This module imports nothing of the package (below floor 1): any module may use i
 from __future__ import annotations
 
 import ctypes
+import platform
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["linear_last", "linear_first", "use_onednn", "gemm_peaks", "keep_freed_memory"]
+__all__ = ["linear_last", "linear_first", "use_onednn", "onednn_available", "gemm_peaks", "keep_freed_memory"]
 
-_ONEDNN = torch.backends.mkldnn.is_available()  # once: torch.compile must not trace the check
+# once (torch.compile must not trace the check); x86 only: measured there, while on ARM oneDNN may run through
+# other backends than the BLAS it would replace
+_ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+
+
+def onednn_available() -> bool:
+    """Whether this process takes the oneDNN route at all (PyTorch built with oneDNN, an x86 CPU)."""
+    return _ONEDNN
 
 
 def use_onednn(x: Tensor) -> bool:
