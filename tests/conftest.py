@@ -60,3 +60,14 @@ def single_thread():
 @pytest.fixture(params=list_models())
 def model_name(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture
+def onednn_route(monkeypatch: pytest.MonkeyPatch) -> bool:
+    """The float32 oneDNN route of widesparse.kernels for every size and thread count (tests use tiny shapes);
+    returns whether this machine takes it at all."""
+    from widesparse import kernels
+
+    monkeypatch.setattr(kernels, "MIN_MACS", 0)
+    monkeypatch.setattr(kernels, "MIN_THREADS", 1)
+    return kernels.onednn_available()

@@ -543,3 +543,13 @@ def test_cuda_float32_grams_match_cpu_float64() -> None:
         gpu.update([f.float().cuda() for f in fa], [f.float().cuda() for f in fb])
     assert gpu.cross.device.type == "cuda" and gpu.cross.dtype == F64
     torch.testing.assert_close(gpu.compute().cpu(), cpu.compute(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_float32_grams_on_the_onednn_route_match_float64(blocks, onednn_route):
+    g = torch.Generator().manual_seed(3)
+    feats = [torch.randn(130, 7, 3, generator=g), torch.randn(130, 21, generator=g), torch.randn(130, 5, generator=g)]
+    got = gram_matrices(feats, dtype=torch.float32, blocks=blocks)
+    ref = gram_matrices(feats, dtype=torch.float64, blocks=blocks)
+    assert got.dtype == torch.float32 and got.shape == (3, 130, 130)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)

@@ -11,7 +11,7 @@ from widesparse.kernels import gemm_peaks, linear_first, linear_last, onednn_ava
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(7, 5), (3, 4, 5), (2, 3, 4, 5)])
-def test_linear_last_matches_f_linear_with_gradients(shape, bias):
+def test_linear_last_matches_f_linear_with_gradients(shape, bias, onednn_route):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g, requires_grad=True)
     w = torch.randn(6, shape[-1], generator=g, requires_grad=True)
@@ -25,12 +25,12 @@ def test_linear_last_matches_f_linear_with_gradients(shape, bias):
         assert torch.allclose(a, r, rtol=1e-5, atol=1e-4)
 
 
-def test_linear_last_takes_the_onednn_route_only_for_contiguous_float32_outside_autocast():
+def test_linear_last_takes_the_onednn_route_only_for_contiguous_float32_outside_autocast(onednn_route):
     x = torch.randn(4, 3)
     import platform
 
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    assert onednn_available() == (torch.backends.mkldnn.is_available() and x86)
+    assert onednn_available() == onednn_route == (torch.backends.mkldnn.is_available() and x86)
     assert use_onednn(x) == onednn_available()
     assert not use_onednn(x.double()) and not use_onednn(x.t())
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -44,7 +44,7 @@ def test_linear_last_takes_the_onednn_route_only_for_contiguous_float32_outside_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_linear_first_is_weight_times_columns_plus_bias(dtype):
+def test_linear_first_is_weight_times_columns_plus_bias(dtype, onednn_route):
     g = torch.Generator().manual_seed(1)
     w, x, b = (torch.randn(*s, generator=g, dtype=dtype) for s in ((4, 3), (3, 10), (4,)))
     tol = 1e-5 if dtype == torch.float32 else 1e-12
@@ -66,3 +66,16 @@ def test_keep_freed_memory_sets_glibc_thresholds_where_glibc_is():
     assert isinstance(ok, bool)
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert ok
+
+
+def test_the_route_needs_a_large_enough_product_and_two_threads(monkeypatch):
+    from widesparse import kernels
+
+    if not kernels.onednn_available():
+        pytest.skip("no oneDNN route on this machine")
+    x = torch.randn(64, 32)
+    monkeypatch.setattr(kernels, "MIN_THREADS", 1)
+    assert not use_onednn(x, 8) and use_onednn(x, kernels.MIN_MACS // x.numel())  # 2048 x 8 < 2^23 MACs
+    monkeypatch.setattr(kernels, "MIN_MACS", 0)
+    monkeypatch.setattr(kernels, "MIN_THREADS", torch.get_num_threads() + 1)
+    assert not use_onednn(x)

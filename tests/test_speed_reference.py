@@ -125,11 +125,10 @@ def test_auto_layout_picks_token_major_under_autocast_only() -> None:
 
 
 @pytest.mark.parametrize("name", ["mixer", "rp_mixer", "s_mixer", "rp_s_mixer"])
-def test_float32_cpu_route_matches_float64_reference(name: str) -> None:
+def test_float32_cpu_route_matches_float64_reference(name: str, onednn_route: bool) -> None:
     """The float32 CPU route (oneDNN 1x1 convolutions, token mixing over channel-major storage) in both layouts."""
     from unittest import mock
 
-    from widesparse.kernels import onednn_available
     from widesparse.models.blocks import MixingMlp
 
     m = _model(name)
@@ -143,7 +142,7 @@ def test_float32_cpu_route_matches_float64_reference(name: str) -> None:
                                side_effect=MixingMlp._forward_token_last) as spy:
             out = m32(x.float())
         # the RP S-Mixer composes its permutations in sublayer_chain instead
-        assert spy.called == (layout == "bsc" and onednn_available() and name != "rp_s_mixer")
+        assert spy.called == (layout == "bsc" and onednn_route and name != "rp_s_mixer")
         assert torch.allclose(out.double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item())
         g = torch.autograd.grad(out.square().sum(), list(m32.parameters()))
         for (n, _), a, b in zip(m32.named_parameters(), g, g_ref, strict=True):

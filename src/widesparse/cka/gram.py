@@ -85,7 +85,7 @@ def _sym_gram(s: Tensor, blocks: int) -> Tensor:
 def _bmm_nt(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b^T`` per stack entry; float32 on the CPU through oneDNN (:mod:`widesparse.kernels`: 1.8x the
     batched MKL product on AMD CPUs), else one ``bmm``."""
-    if use_onednn(a[0]) and b.dtype == a.dtype:
+    if use_onednn(a[0], b.shape[1]) and b.dtype == a.dtype:
         return torch.stack([linear_last(x, y) for x, y in zip(a, b, strict=True)])
     return torch.bmm(a, b.mT)
 

@@ -158,7 +158,7 @@ def monarch_multiply(x: Tensor, weight_r: Tensor, weight_l: Tensor, bias: Tensor
         x, weight_r, weight_l = x.to(dt), weight_r.to(dt), weight_l.to(dt)
         bias = None if bias is None else bias.to(dt)
     x2 = x.reshape(-1, k * p).contiguous()
-    if use_onednn(x2) and x2.shape[0] > 0 and weight_r.dtype == weight_l.dtype == x2.dtype:
+    if use_onednn(x2, q) and weight_r.dtype == weight_l.dtype == x2.dtype:
         return _monarch_grouped_conv(x2, weight_r, weight_l, bias).reshape(*lead, q * s)
     with torch.autocast(x.device.type, enabled=False):
         y = _MonarchMultiply.apply(x2, weight_r, weight_l, bias)

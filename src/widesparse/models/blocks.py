@@ -209,7 +209,7 @@ class MixingMlp(nn.Module):
         return linear_last(h, layer.weight, layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.axis == "token" and use_onednn(x):
+        if self.axis == "token" and use_onednn(x, self.fc1.weight.shape[0]):
             return self._forward_token_last(x)
         h = x if self.idx_in is None else permute_bsc(x, self.idx_in, self.inv_in)
         h = self.forward_inner(h)
