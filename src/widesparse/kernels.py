@@ -5,8 +5,9 @@ processors runs a path without AVX-512: on the 2-core AMD EPYC of our benchmarks
 2048^3 product where oneDNN, PyTorch's other CPU backend, reached 469 GFLOP/s at IEEE float32 accuracy. A
 1x1 convolution is the same product and always runs on oneDNN, forward and backward, so on the CPU in float32
 these functions compute the linear maps of the Mixer family as 1x1 convolutions (channel-last views, no
-copies). Elsewhere (CUDA, bf16 autocast, whose CPU matmuls already use oneDNN, float64, or no oneDNN) they are
-plain ``F.linear``/``addmm``. Values are the same up to float32 summation order.
+copies), when the product is large enough and at least two threads run (see :func:`use_onednn`). Elsewhere
+(CUDA, bf16 autocast, whose CPU matmuls already use oneDNN, float64, small products, one thread, or no oneDNN)
+they are plain ``F.linear``/``addmm``. Values are the same up to float32 summation order.
 
 This module imports nothing of the package (below floor 1): any module may use it, ``cka`` included.
 """

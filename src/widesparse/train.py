@@ -125,6 +125,9 @@ _epoch_seed = epoch_seed  # the name the tests and older callers use
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train ``config.model`` on ``config.dataset``; write the run folder; return the summary dict.
 
+    On the CPU this also sets glibc's heap to keep freed memory for reuse, process-wide
+    (:func:`widesparse.kernels.keep_freed_memory`): fresh pages are written at a fifth of the speed.
+
     Raises:
         NonFiniteLossError: The loss became NaN/Inf (the message names the step and the last good checkpoint).
         KeyboardInterrupt: After Ctrl-C, once a checkpoint of the last finished step is written.
