@@ -196,10 +196,13 @@ class MixingMlp(nn.Module):
         self.idx_out = None if p_out is None else vec_to_rowmajor(p_out[vp], S, C)
         self.inv_in = None if self.idx_in is None else invert_perm(self.idx_in)
         self.inv_out = None if self.idx_out is None else invert_perm(self.idx_out)
-        # the same gathers into / out of channel-major (B, C, S) storage (token mixing over the last axis)
-        to_cs = None if self.axis != "token" else (lambda p: (p % C) * S + p // C)
-        self.idx_in_t = None if self.idx_in is None or to_cs is None else self.idx_in.view(S, C).t().reshape(-1)
-        self.idx_out_t = None if self.idx_out is None or to_cs is None else to_cs(self.idx_out)
+        # token mixing over channel-major (B, C, S) storage: J_1 writes its targets in (c, s) order, J_2 reads its
+        # sources from that order
+        self.idx_in_t = self.idx_out_t = None
+        if self.axis == "token" and self.idx_in is not None:
+            self.idx_in_t = self.idx_in.view(S, C).t().reshape(-1)
+        if self.axis == "token" and self.idx_out is not None:
+            self.idx_out_t = (self.idx_out % C) * S + self.idx_out // C
         self.inv_in_t = None if self.idx_in_t is None else invert_perm(self.idx_in_t)
         self.inv_out_t = None if self.idx_out_t is None else invert_perm(self.idx_out_t)
 
