@@ -79,3 +79,10 @@ def test_the_route_needs_a_large_enough_product_and_two_threads(monkeypatch):
     monkeypatch.setattr(kernels, "MIN_MACS", 0)
     monkeypatch.setattr(kernels, "MIN_THREADS", torch.get_num_threads() + 1)
     assert not use_onednn(x)
+
+
+def test_shapes_that_do_not_fit_get_torch_s_own_message(onednn_route):
+    with pytest.raises(RuntimeError, match=r"cannot be multiplied \(4x3 and 5x2\)"):
+        linear_last(torch.randn(4, 3), torch.randn(2, 5))
+    with pytest.raises(RuntimeError, match=r"cannot be multiplied \(2x5 and 3x4\)"):
+        linear_first(torch.randn(2, 5), torch.randn(3, 4))

@@ -60,8 +60,8 @@ def use_onednn(x: Tensor, out_features: int | None = None) -> bool:
 
 def linear_last(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)`` over the last axis of ``x`` (``weight``: ``(out, in)``)."""
-    if not use_onednn(x, weight.shape[0]) or weight.dtype != x.dtype:
-        return F.linear(x, weight, bias)
+    if not use_onednn(x, weight.shape[0]) or weight.dtype != x.dtype or weight.shape[-1] != x.shape[-1]:
+        return F.linear(x, weight, bias)  # (also the one to say which shapes disagree)
     n_in = x.shape[-1]
     # (..., in) as a channels-last (1, in, M, 1) image: the output comes back channels-last, i.e. (..., out)
     img = x.reshape(1, -1, 1, n_in).permute(0, 3, 1, 2)
@@ -71,7 +71,7 @@ def linear_last(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
 
 def linear_first(weight: Tensor, x: Tensor, bias: Tensor | None = None) -> Tensor:
     """``weight @ x + bias[:, None]`` over the first axis of a 2-D ``x`` (``weight``: ``(out, in)``)."""
-    if not use_onednn(x, weight.shape[0]) or weight.dtype != x.dtype:
+    if not use_onednn(x, weight.shape[0]) or weight.dtype != x.dtype or weight.shape[-1] != x.shape[0]:
         return weight @ x if bias is None else torch.addmm(bias.unsqueeze(-1), weight, x)
     # (in, N) is a channels-first 1-D signal of length N: one 1x1 convolution
     return F.conv1d(x.unsqueeze(0), weight.unsqueeze(-1), bias).squeeze(0)
