@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from widesparse.kernels import gemm_peaks, linear_first, linear_last, onednn_available, use_onednn
+from widesparse.kernels import (
+    autocast_input,
+    cpu_low_precision,
+    gemm_peaks,
+    linear_first,
+    linear_last,
+    onednn_available,
+    use_onednn,
+)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -86,3 +94,18 @@ def test_shapes_that_do_not_fit_get_torch_s_own_message(onednn_route):
         linear_last(torch.randn(4, 3), torch.randn(2, 5))
     with pytest.raises(RuntimeError, match=r"cannot be multiplied \(2x5 and 3x4\)"):
         linear_first(torch.randn(2, 5), torch.randn(3, 4))
+
+
+def test_cpu_low_precision_and_the_early_autocast_cast():
+    x = torch.randn(3, 4)
+    assert not cpu_low_precision(x) and cpu_low_precision(x.bfloat16())
+    assert autocast_input(x) is x
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_low_precision(x)
+        y = autocast_input(x)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, x.bfloat16())
+        assert autocast_input(x.double()).dtype == torch.float64  # autocast casts only float32
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (g,) = torch.autograd.grad(autocast_input(x).float().sum(), x)
+    assert g.dtype == torch.float32 and torch.equal(g, torch.ones_like(x))

@@ -125,6 +125,26 @@ def test_auto_layout_picks_token_major_under_autocast_only() -> None:
 
 
 @pytest.mark.parametrize("name", ["mixer", "rp_mixer", "s_mixer", "rp_s_mixer"])
+def test_auto_layout_keeps_the_rp_mixer_batch_major_in_cpu_bf16(name: str) -> None:
+    """In bf16 on the CPU the RP-Mixer stays batch-major, its token mixing over channel-major storage; the Mixer
+    and the (chained) S-Mixers go token-major. Both under autocast and for a bfloat16 model."""
+    from unittest import mock
+
+    from widesparse.models.blocks import MixingMlp
+
+    m = _model(name, dtype=torch.float32)
+    x = torch.randn(2, 3, 8, 8)
+    for low, inp in ((m, x), (copy.deepcopy(m).bfloat16(), x.bfloat16())):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low is m):
+            assert low._token_major(inp) == (name != "rp_mixer")
+            with mock.patch.object(MixingMlp, "_forward_token_last", autospec=True,
+                                   side_effect=MixingMlp._forward_token_last) as spy:
+                out = low(inp)
+        assert spy.called == (name == "rp_mixer")
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("name", ["mixer", "rp_mixer", "s_mixer", "rp_s_mixer"])
 def test_float32_cpu_route_matches_float64_reference(name: str, onednn_route: bool) -> None:
     """The float32 CPU route (oneDNN 1x1 convolutions, token mixing over channel-major storage) in both layouts."""
     from unittest import mock

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["linear_last", "linear_first", "use_onednn", "onednn_available", "gemm_peaks", "keep_freed_memory"]
+__all__ = ["linear_last", "linear_first", "use_onednn", "onednn_available", "cpu_low_precision", "autocast_input",
+           "gemm_peaks", "keep_freed_memory"]
 
 # once (torch.compile must not trace the check); x86 only: measured there, while on ARM oneDNN may run through
 # other backends than the BLAS it would replace
@@ -56,6 +57,20 @@ def use_onednn(x: Tensor, out_features: int | None = None) -> bool:
         and x.numel() * (1 if out_features is None else out_features) >= MIN_MACS
         and torch.get_num_threads() >= MIN_THREADS
     )
+
+
+def cpu_low_precision(x: Tensor) -> bool:
+    """Whether products with ``x`` run in bfloat16 on the CPU (under CPU autocast, or ``x`` itself bfloat16):
+    ``F.linear`` then goes to oneDNN's bf16 matmul, the other half of the CPU route."""
+    return x.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or x.dtype == torch.bfloat16)
+
+
+def autocast_input(x: Tensor) -> Tensor:
+    """``x`` cast to the autocast dtype where autocast is on for its device and ``x`` is float32, else ``x``: the
+    cast a following linear map would make anyway, done early (so a permutation before it moves half the bytes)."""
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
 
 
 def linear_last(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from widesparse.kernels import linear_first, linear_last, use_onednn
+from widesparse.kernels import autocast_input, cpu_low_precision, linear_first, linear_last, use_onednn
 from widesparse.layers import PermutedKronLinear
 from widesparse.linalg import invert_perm, permute_last, vec_positions, vec_to_rowmajor
 from widesparse.models.gathers import compose_gathers, gather_sbc_to_bsc, permute_bsc, permute_sbc
@@ -212,17 +212,19 @@ class MixingMlp(nn.Module):
         return linear_last(h, layer.weight, layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.axis == "token" and use_onednn(x, self.fc1.weight.shape[0]):
+        if self.idx_in is not None:
+            x = autocast_input(x)  # J_1 then gathers bf16
+        if self.axis == "token" and (use_onednn(x, self.fc1.weight.shape[0]) or cpu_low_precision(x)):
             return self._forward_token_last(x)
         h = x if self.idx_in is None else permute_bsc(x, self.idx_in, self.inv_in)
         h = self.forward_inner(h)
         return h if self.idx_out is None else permute_bsc(h, self.idx_out, self.inv_out)
 
     def _forward_token_last(self, x: Tensor) -> Tensor:
-        """Token mixing on channel-major ``(B, C, S)`` storage, a linear map over its last axis: on the float32 CPU
-        route (:mod:`widesparse.kernels`) its products measured 1.5x faster forward + backward than the 1x1
-        convolution over ``(B, S, C)``. ``J_1``/``J_2`` gather straight into and out of that storage, so the
-        RP-Mixer pays no transposed copy; the plain Mixer pays one each way."""
+        """Token mixing on channel-major ``(B, C, S)`` storage, a linear map over its last axis. Against the 1x1
+        convolution over ``(B, S, C)``: float32 CPU route (:mod:`widesparse.kernels`), products 1.5x faster
+        forward + backward; bf16 on the CPU, the whole Mixer step 1.07x. ``J_1``/``J_2`` gather straight into and
+        out of that storage, so the RP-Mixer pays no transposed copy; the plain Mixer pays one each way."""
         B, S, C = x.shape
         if self.idx_in_t is None:
             h = x.transpose(1, 2).contiguous()
@@ -288,12 +290,9 @@ def sublayer_chain(blocks: Sequence[nn.Module], x: Tensor, sbc: bool) -> Tensor 
     two (2L + 1 gathers for L blocks instead of 4L), the same values. Returns ``None`` where it does not apply:
     blocks with LayerNorm or skips (the RP-Mixer), or no permutations at all.
     """
-    if not all(isinstance(b, MixerBlock) and b.act is not None and not b.residual
-               and isinstance(b.norm1, nn.Identity) and isinstance(b.norm2, nn.Identity) for b in blocks):
+    if not chainable(blocks) or not permutes(blocks):
         return None
     steps = [(b.mlp_tokens if i == 0 else b.mlp_channels, b.act) for b in blocks for i in (0, 1)]
-    if all(m.idx_in is None and m.idx_out is None for m, _ in steps):
-        return None
     permute = permute_sbc if sbc else permute_bsc
     if steps[0][0].idx_in is not None:
         x = permute(x, steps[0][0].idx_in, steps[0][0].inv_in)
@@ -305,6 +304,18 @@ def sublayer_chain(blocks: Sequence[nn.Module], x: Tensor, sbc: bool) -> Tensor 
             x = permute(x, idx, mlp.inv_out if nxt is None else None)
         x = act(x)
     return x
+
+
+def chainable(blocks: Sequence[nn.Module]) -> bool:
+    """Whether :func:`sublayer_chain` can run ``blocks``: S-Mixer blocks (outer activation, no LayerNorm, no skip)."""
+    return all(isinstance(b, MixerBlock) and b.act is not None and not b.residual
+               and isinstance(b.norm1, nn.Identity) and isinstance(b.norm2, nn.Identity) for b in blocks)
+
+
+def permutes(blocks: Sequence[nn.Module]) -> bool:
+    """Whether any mixing MLP of ``blocks`` carries RP permutations (``J_1`` or ``J_2``)."""
+    return any(isinstance(m, MixingMlp) and (m.idx_in is not None or m.idx_out is not None)
+               for b in blocks for m in b.modules())
 
 
 def _refresh_after_load(module: MixingMlp, _incompatible: object) -> None:
