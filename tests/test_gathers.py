@@ -63,3 +63,27 @@ def test_compose_gathers_is_one_gather_for_two():
     z = torch.randn(2, S * C)
     assert torch.equal(z[:, compose_gathers(a, b)], z[:, a][:, b])
     assert compose_gathers(None, b) is b and compose_gathers(a, None) is a and compose_gathers(None, None) is None
+
+
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd is returning a function")
+# dynamo itself instantiates autograd.Function classes while tracing the gathers (a torch-internal warning)
+@pytest.mark.filterwarnings("ignore:<class 'torch.autograd.function.Function'> should not be instantiated")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_cpu_gathers_stay_one_opaque_kernel_call(dtype: torch.dtype):
+    """Under torch.compile on the CPU both RP gathers (forward and backward) are the opaque widesparse::gather,
+    which Inductor cannot fuse into LayerNorm/GELU as scalar indirect loads; values and gradients unchanged."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    idx = _perm(3)
+    x = torch.randn(B, S, C, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+    backend = AotEagerAndRecordGraphs()
+    torch._dynamo.reset()
+    f = torch.compile(lambda t: permute_bsc(t, idx, None).sin(), backend=backend, fullgraph=True)
+    y = f(x)
+    (g,) = torch.autograd.grad(y.float().square().sum(), x)
+    y_ref = permute_bsc(x, idx, None).sin()
+    (g_ref,) = torch.autograd.grad(y_ref.float().square().sum(), x)
+    assert torch.equal(y, y_ref) and torch.equal(g, g_ref)
+    for graphs in (backend.fw_graphs, backend.bw_graphs):
+        targets = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+        assert "widesparse.gather.default" in targets and "aten.gather.default" not in targets, targets

@@ -189,11 +189,14 @@ def test_layouts_agree_under_bf16_autocast(name: str) -> None:
 # dynamo itself instantiates autograd.Function classes while tracing the RP gathers (a torch-internal warning)
 @pytest.mark.filterwarnings("ignore:<class 'torch.autograd.function.Function'> should not be instantiated")
 @pytest.mark.parametrize("layout", ["bsc", "sbc"])
-def test_forward_has_no_graph_breaks(layout: str) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_forward_has_no_graph_breaks(layout: str, precision: str, onednn_route: bool) -> None:
+    """Every route (the float32 oneDNN one included: its size and thread checks) traces as one graph."""
     m = _model("rp_mixer", dtype=torch.float32)
     m.layout = layout
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(m)(torch.randn(2, 3, 8, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        explanation = torch._dynamo.explain(m)(torch.randn(2, 3, 8, 8))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
 

@@ -43,6 +43,12 @@ MIN_MACS = 1 << 23
 MIN_THREADS = 2
 
 
+@torch.compiler.assume_constant_result
+def _num_threads() -> int:
+    # a constant while torch.compile traces (get_num_threads would break the graph); eager calls read it afresh
+    return torch.get_num_threads()
+
+
 def use_onednn(x: Tensor, out_features: int | None = None) -> bool:
     """Whether ``x`` (times a weight with ``out_features`` rows) takes the oneDNN route: a contiguous float32 CPU
     tensor outside autocast, a product of at least :data:`MIN_MACS` multiply-adds, :data:`MIN_THREADS` threads."""
@@ -55,7 +61,7 @@ def use_onednn(x: Tensor, out_features: int | None = None) -> bool:
         and x.is_contiguous()
         and x.numel() > 0
         and x.numel() * (1 if out_features is None else out_features) >= MIN_MACS
-        and torch.get_num_threads() >= MIN_THREADS
+        and _num_threads() >= MIN_THREADS
     )
 
 
