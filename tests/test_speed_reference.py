@@ -205,7 +205,7 @@ def test_forward_has_no_graph_breaks(layout: str, precision: str, onednn_route: 
 @pytest.mark.parametrize("mixing_layers", [1, 2])
 def test_rp_s_mixer_composes_consecutive_permutations(layout: str, mixing_layers: int) -> None:
     """J_1' act(J_2 z) = act(J_1' J_2 z): the chained forward equals block-by-block, forward and backward."""
-    from widesparse.models.blocks import sublayer_chain
+    from widesparse.models.chain import sublayer_chain
 
     torch.manual_seed(0)
     m = create_model("rp_s_mixer", image_size=8, in_chans=1, patch_size=2, dim=6, depth=3,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from widesparse.kernels import cpu_low_precision
-from widesparse.models.blocks import chainable, permutes, sublayer_chain
+from widesparse.models.chain import chainable, permutes, sublayer_chain
 
 __all__ = ["MixerSurface", "collect_intermediates", "resolve_indices"]
 

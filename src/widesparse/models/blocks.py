@@ -9,7 +9,7 @@ row-major storage (PAPER.md §4.3).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from widesparse.kernels import autocast_input, cpu_low_precision, linear_first, linear_last, use_onednn
 from widesparse.layers import PermutedKronLinear
 from widesparse.linalg import invert_perm, permute_last, vec_positions, vec_to_rowmajor
-from widesparse.models.gathers import compose_gathers, gather_sbc_to_bsc, permute_bsc, permute_sbc
+from widesparse.models.gathers import gather_sbc_to_bsc, permute_bsc
 
 __all__ = [
     "PatchEmbed",
@@ -281,41 +281,6 @@ class MixingMlp(nn.Module):
         flat = h.reshape(B, S * C) if batch_major else h.transpose(0, 1).reshape(B, S * C)
         # contiguous: a residual add of mixed dtypes over a strided operand measured 2x slower than this copy + add
         return permute_last(flat, self.idx_out, self.inv_out).view(B, S, C).transpose(0, 1).contiguous()
-
-
-def sublayer_chain(blocks: Sequence[nn.Module], x: Tensor, sbc: bool) -> Tensor | None:
-    """The S-Mixer's mixing steps ``x -> act(J_2 f(J_1 x))`` in a row, with consecutive permutations composed.
-
-    Since ``act`` is elementwise, ``J_1' act(J_2 z) = act(J_1' J_2 z)``: one gather between two steps instead of
-    two (2L + 1 gathers for L blocks instead of 4L), the same values. Returns ``None`` where it does not apply:
-    blocks with LayerNorm or skips (the RP-Mixer), or no permutations at all.
-    """
-    if not chainable(blocks) or not permutes(blocks):
-        return None
-    steps = [(b.mlp_tokens if i == 0 else b.mlp_channels, b.act) for b in blocks for i in (0, 1)]
-    permute = permute_sbc if sbc else permute_bsc
-    if steps[0][0].idx_in is not None:
-        x = permute(x, steps[0][0].idx_in, steps[0][0].inv_in)
-    for k, (mlp, act) in enumerate(steps):
-        x = mlp.forward_inner(x, sbc)
-        nxt = steps[k + 1][0].idx_in if k + 1 < len(steps) else None
-        idx = compose_gathers(mlp.idx_out, nxt)
-        if idx is not None:
-            x = permute(x, idx, mlp.inv_out if nxt is None else None)
-        x = act(x)
-    return x
-
-
-def chainable(blocks: Sequence[nn.Module]) -> bool:
-    """Whether :func:`sublayer_chain` can run ``blocks``: S-Mixer blocks (outer activation, no LayerNorm, no skip)."""
-    return all(isinstance(b, MixerBlock) and b.act is not None and not b.residual
-               and isinstance(b.norm1, nn.Identity) and isinstance(b.norm2, nn.Identity) for b in blocks)
-
-
-def permutes(blocks: Sequence[nn.Module]) -> bool:
-    """Whether any mixing MLP of ``blocks`` carries RP permutations (``J_1`` or ``J_2``)."""
-    return any(isinstance(m, MixingMlp) and (m.idx_in is not None or m.idx_out is not None)
-               for b in blocks for m in b.modules())
 
 
 def _refresh_after_load(module: MixingMlp, _incompatible: object) -> None:
