@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from widesparse.kernels import (
+    autocast_dtype,
     autocast_input,
     cpu_low_precision,
     gemm_peaks,
@@ -99,9 +100,9 @@ def test_shapes_that_do_not_fit_get_torch_s_own_message(onednn_route):
 def test_cpu_low_precision_and_the_early_autocast_cast():
     x = torch.randn(3, 4)
     assert not cpu_low_precision(x) and cpu_low_precision(x.bfloat16())
-    assert autocast_input(x) is x
+    assert autocast_input(x) is x and autocast_dtype(x) == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert cpu_low_precision(x)
+        assert cpu_low_precision(x) and autocast_dtype(x) == torch.bfloat16
         y = autocast_input(x)
         assert y.dtype == torch.bfloat16 and torch.equal(y, x.bfloat16())
         assert autocast_input(x.double()).dtype == torch.float64  # autocast casts only float32

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["linear_last", "linear_first", "use_onednn", "onednn_available", "cpu_low_precision", "autocast_input",
-           "gemm_peaks", "keep_freed_memory"]
+__all__ = ["linear_last", "linear_first", "use_onednn", "onednn_available", "cpu_low_precision", "autocast_dtype",
+           "autocast_input", "gemm_peaks", "keep_freed_memory"]
 
 # once (torch.compile must not trace the check); x86 only: measured there, while on ARM oneDNN may run through
 # other backends than the BLAS it would replace
@@ -71,12 +71,18 @@ def cpu_low_precision(x: Tensor) -> bool:
     return x.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or x.dtype == torch.bfloat16)
 
 
-def autocast_input(x: Tensor) -> Tensor:
-    """``x`` cast to the autocast dtype where autocast is on for its device and ``x`` is float32, else ``x``: the
-    cast a following linear map would make anyway, done early (so a permutation before it moves half the bytes)."""
+def autocast_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a linear map under the current autocast would cast ``x`` to: the autocast dtype where autocast is
+    on for ``x``'s device and ``x`` is float32, else ``x.dtype``."""
     if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
-        return x.to(torch.get_autocast_dtype(x.device.type))
-    return x
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def autocast_input(x: Tensor) -> Tensor:
+    """``x`` in :func:`autocast_dtype`: the cast a following linear map would make anyway, done early (so a
+    permutation before it moves half the bytes)."""
+    return x.to(autocast_dtype(x))
 
 
 def linear_last(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from widesparse.kernels import autocast_input, cpu_low_precision, linear_first, linear_last, use_onednn
+from widesparse.kernels import (
+    autocast_dtype,
+    autocast_input,
+    cpu_low_precision,
+    linear_first,
+    linear_last,
+    use_onednn,
+)
 from widesparse.layers import PermutedKronLinear
 from widesparse.linalg import invert_perm, permute_last, vec_positions, vec_to_rowmajor
 from widesparse.models.gathers import gather_sbc_to_bsc, permute_bsc
@@ -267,10 +274,8 @@ class MixingMlp(nn.Module):
         token = self.axis == "token"
         h = x
         if self.idx_in is not None:
-            dtype = x.dtype
-            if dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
-                dtype = torch.get_autocast_dtype(x.device.type)  # fc1 casts anyway: cast in the same pass
-            h = gather_sbc_to_bsc(x, self.idx_in, self.inv_in, dtype).view(B, S, C)
+            # fc1 casts anyway: cast in the same pass
+            h = gather_sbc_to_bsc(x, self.idx_in, self.inv_in, autocast_dtype(x)).view(B, S, C)
             if token:  # the token GEMM wants (S, B*C)
                 h = h.transpose(0, 1).contiguous()
         # channel mixing takes any row order of (tokens x examples, C): it stays batch-major after J_1
