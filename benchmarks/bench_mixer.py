@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--reps", type=int, default=9, help="rounds (default 9; 3 with --quick)")
-    ap.add_argument("--precision", default="fp32,bf16")
+    ap.add_argument("--precision", default="fp32,bf16", help="fp32, bf16 or both, comma-separated")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timm-python", default=None)
     ap.add_argument("--out", default=str(RESULTS / "mixer.json"))
@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "does on the CPU), for every model alike and timm's child too: removes the page-fault "
                          "noise of fresh allocations (default: on)")
     args = ap.parse_args(argv)
+    bad = [p for p in args.precision.split(",") if p not in ("fp32", "bf16")]
+    if bad:
+        ap.error(f"--precision: unknown {', '.join(map(repr, bad))}; valid: fp32, bf16 (comma-separated)")
     torch.set_num_threads(args.threads)
     if args.keep_heap:
         from widesparse.kernels import keep_freed_memory
