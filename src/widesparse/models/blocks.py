@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from widesparse.cpu_kernels import GELU
 from widesparse.kernels import (
     autocast_dtype,
     autocast_input,
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 ACT_LAYERS: dict[str, type[nn.Module]] = {
-    "gelu": nn.GELU,
+    "gelu": GELU,  # nn.GELU with the table backward in bf16 on the CPU (widesparse.cpu_kernels)
     "relu": nn.ReLU,
     "identity": nn.Identity,
     "linear": nn.Identity,
@@ -54,7 +55,7 @@ ACT_LAYERS: dict[str, type[nn.Module]] = {
 def resolve_act_layer(act: str | Callable[[], nn.Module] | None) -> Callable[[], nn.Module]:
     """An activation factory from a name (``gelu``, ``relu``, ``identity``, ...) or a module class."""
     if act is None:
-        return nn.GELU
+        return GELU
     if isinstance(act, str):
         key = act.lower()
         if key not in ACT_LAYERS:
@@ -154,7 +155,7 @@ class MixingMlp(nn.Module):
         num_tokens: int,
         dim: int,
         hidden: int | None,
-        act_layer: Callable[[], nn.Module] = nn.GELU,
+        act_layer: Callable[[], nn.Module] = GELU,
         permutation: Literal["identity", "random"] = "identity",
         seed: int = 0,
         device=None,
@@ -328,7 +329,7 @@ class MixerBlock(TwoSublayerBlock):
         dim: int,
         token_hidden: int | None,
         channel_hidden: int | None,
-        act_layer: Callable[[], nn.Module] = nn.GELU,
+        act_layer: Callable[[], nn.Module] = GELU,
         norm_layer: Callable[[int], nn.Module] | None = None,
         residual: bool = True,
         outer_act: bool = False,
