@@ -142,3 +142,42 @@ def test_mixer_bf16_training_step_is_bit_identical_with_and_without_the_kernels(
     monkeypatch.setenv("WIDESPARSE_CPU_KERNELS", "0")
     slow = grads()
     assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float16, torch.float32, torch.int32])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+def test_take_columns_is_indexing_for_any_rows_and_index(ext, dtype, rows):
+    g = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 50, generator=g) * 100).to(dtype)
+    empty = torch.tensor([], dtype=torch.long)
+    for idx in (torch.randperm(50, generator=g), torch.randint(0, 50, (17,), generator=g), empty):
+        out = cpu_kernels.take_columns(x, idx)
+        assert out is not None and out.dtype == dtype and out.shape == (rows, idx.numel())
+        assert torch.equal(out, x[:, idx])
+
+
+def test_take_columns_refuses_out_of_range_and_declines_what_it_does_not_cover(ext):
+    x = torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match="index 6 out of range for 6 columns"):
+        cpu_kernels.take_columns(x, torch.tensor([0, 6]))
+    assert cpu_kernels.take_columns(x.double(), torch.tensor([0])) is None  # 8-byte elements
+    assert cpu_kernels.take_columns(x.t(), torch.tensor([0])) is None  # not contiguous
+    assert cpu_kernels.take_columns(x[None], torch.tensor([0])) is None  # not 2-D
+    assert cpu_kernels.take_columns(x.requires_grad_(), torch.tensor([0])) is None  # would lose the graph
+
+
+def test_permute_last_runs_the_column_kernel_and_keeps_its_gradient(ext, monkeypatch):
+    from widesparse import linalg
+
+    calls = []
+    real = linalg.take_columns
+    monkeypatch.setattr(linalg, "take_columns", lambda x, i: calls.append(x.dtype) or real(x, i))
+    g = torch.Generator().manual_seed(3)
+    perm = torch.randperm(40, generator=g)
+    for dtype in (BF16, torch.float32):
+        x = torch.randn(8, 40, generator=g).to(dtype).requires_grad_()
+        y = linalg.permute_last(x, perm)
+        gy = torch.randn(8, 40, generator=g).to(dtype)
+        (gx,) = torch.autograd.grad(y, x, gy)
+        assert torch.equal(y, x[:, perm]) and torch.equal(gx[:, perm], gy)
+    assert calls == [BF16, BF16, torch.float32, torch.float32]  # forward and backward gathers

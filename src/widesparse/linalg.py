@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from widesparse.cpu_kernels import take_columns
+
 __all__ = [
     "vec",
     "unvec",
@@ -123,6 +125,11 @@ def gather_bits(x: Tensor, dim: int, index: Tensor) -> Tensor:
 
 
 def _gather_bits(x: Tensor, dim: int, index: Tensor) -> Tensor:
+    if x.dim() == 2 and dim in (1, -1) and index.dim() == 2 and index.shape[0] == x.shape[0] and index.stride(0) == 0:
+        # one index broadcast over the rows (the permutations): the compiled column gather, where it is built
+        out = take_columns(x, index[0])
+        if out is not None:
+            return out
     if x.dtype in (torch.bfloat16, torch.float16):
         return torch.gather(x.view(torch.int16), dim, index).view(x.dtype)
     return torch.gather(x, dim, index)
