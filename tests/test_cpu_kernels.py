@@ -1,4 +1,5 @@
-"""The compiled bfloat16 GELU backward (a table lookup) against ATen's, bit for bit, and its fallbacks."""
+"""The compiled CPU kernels against ATen's: the bf16 GELU backward bit for bit, column gathers, bf16 LayerNorm,
+and the fallbacks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from widesparse import cpu_kernels
-from widesparse.cpu_kernels import GELU, gelu, gelu_backward, gelu_derivative_table
+from widesparse.cpu_kernels import GELU, LayerNorm, gelu, gelu_backward, gelu_derivative_table
 from widesparse.models import create_model
 
 BF16 = torch.bfloat16
@@ -123,13 +124,16 @@ def test_build_failure_is_logged_and_falls_back(monkeypatch, caplog):
     assert "no compiler here" in caplog.text
 
 
-def test_mixer_bf16_training_step_is_bit_identical_with_and_without_the_kernels(ext, monkeypatch):
-    """The Mixer family's default activation is :class:`GELU`: a bf16 autocast step gives the same gradients."""
+def test_mixer_bf16_training_step_with_and_without_the_kernels(ext, monkeypatch):
+    """The Mixer family's default activation and norm are :class:`GELU` and :class:`LayerNorm`: a bf16 autocast
+    step takes the kernels and gives the gradients of ATen's kernels up to bf16 rounding."""
     torch.manual_seed(0)
     model = create_model("mixer", image_size=16, patch_size=4, in_chans=3, num_classes=5, dim=32, depth=2)
-    assert any(type(m) is GELU for m in model.modules())
+    assert any(type(m) is GELU for m in model.modules()) and any(type(m) is LayerNorm for m in model.modules())
     x = torch.randn(6, 3, 16, 16)
     y = torch.randint(0, 5, (6,))
+    seen = set()
+    model.blocks[0].norm1.register_forward_hook(lambda m, i, o: seen.add(type(o.grad_fn).__name__))
 
     def grads():
         model.zero_grad(set_to_none=True)
@@ -141,7 +145,71 @@ def test_mixer_bf16_training_step_is_bit_identical_with_and_without_the_kernels(
     fast = grads()
     monkeypatch.setenv("WIDESPARSE_CPU_KERNELS", "0")
     slow = grads()
-    assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
+    assert seen == {"_LayerNormBackward", "NativeLayerNormBackward0"}
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.allclose(a, b, rtol=0.02, atol=0.02 * float(b.abs().max()))
+
+
+def ln_pair(n: int, seed: int = 0) -> tuple[LayerNorm, nn.LayerNorm]:
+    ours, ref = LayerNorm(n, eps=1e-6), nn.LayerNorm(n, eps=1e-6)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(n, generator=g))
+        ours.bias.copy_(torch.randn(n, generator=g))
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("n", [128, 48, 20, 1])
+def test_layer_norm_matches_aten_and_float64(ext, n):
+    """Rows of 128 and 48 take the AVX-512 loop where built, 20 and 1 the generic one."""
+    g = torch.Generator().manual_seed(n)
+    rows = 2048
+    x = (torch.randn(rows, n, generator=g) * 3 + 1).to(BF16).requires_grad_()
+    gy = torch.randn(rows, n, generator=g).to(BF16)
+    ours, ref = ln_pair(n)
+    y, y_ref = ours(x), ref(x)
+    assert type(y.grad_fn).__name__ == "_LayerNormBackward" and y.dtype == BF16
+    # within one bf16 rounding step of ATen's (the statistics are summed in another order)
+    assert (y.float() - y_ref.float()).abs().max() <= 2 ** -7 * y_ref.float().abs().max()
+    assert (y.view(torch.int16) != y_ref.view(torch.int16)).float().mean() < 1e-2
+    got = torch.autograd.grad(y, (x, ours.weight, ours.bias), gy)
+    (gx_aten,) = torch.autograd.grad(y_ref, x, gy)
+    xd = x.detach().double().requires_grad_()
+    wd, bd = ours.weight.detach().double().requires_grad_(), ours.bias.detach().double().requires_grad_()
+    ref64 = torch.autograd.grad(F.layer_norm(xd, (n,), wd, bd, 1e-6), (xd, wd, bd), gy.double())
+    assert got[0].dtype == BF16 and got[1].dtype == got[2].dtype == torch.float32
+    if n > 1:  # (a single-element row has a zero input gradient)
+        assert (got[0].float() - gx_aten.float()).abs().max() <= 0.02 * gx_aten.float().abs().max()
+    for a, r in zip(got[1:], ref64[1:], strict=True):  # float32 sums of exact bf16 products
+        assert (a.double() - r).abs().max() <= 1e-5 * r.abs().max() + 1e-6
+
+
+def test_layer_norm_falls_back_to_aten_where_the_kernel_does_not_apply(ext):
+    ours, _ = ln_pair(16)
+    for x in (torch.randn(4, 16, requires_grad=True), torch.randn(4, 16, dtype=torch.float64, requires_grad=True)):
+        assert type(ours.to(x.dtype)(x).grad_fn).__name__ == "NativeLayerNormBackward0"
+    ours = ours.float()
+    xb = torch.randn(4, 16).to(BF16).requires_grad_()
+    assert type(ours(xb).grad_fn).__name__ == "_LayerNormBackward"
+    assert type(LayerNorm(16, elementwise_affine=False)(xb).grad_fn).__name__ == "NativeLayerNormBackward0"
+    assert type(LayerNorm((2, 8))(xb.view(4, 2, 8)).grad_fn).__name__ == "NativeLayerNormBackward0"
+    assert type(ours.to(BF16)(xb).grad_fn).__name__ == "NativeLayerNormBackward0"  # bf16 parameters
+    big = torch.randn(2, 4097).to(BF16).requires_grad_()
+    assert type(LayerNorm(4097)(big).grad_fn).__name__ == "NativeLayerNormBackward0"
+
+
+def test_layer_norm_state_dict_and_double_backward(ext):
+    ours, ref = ln_pair(32, seed=5)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(64, 32).to(BF16).requires_grad_()
+    (g1,) = torch.autograd.grad(ours(x).pow(2).sum(), x, create_graph=True)
+    (g2,) = torch.autograd.grad(g1.float().sum(), x)
+    (r1,) = torch.autograd.grad(ref(x).pow(2).sum(), x, create_graph=True)
+    (r2,) = torch.autograd.grad(r1.float().sum(), x)
+    g1, r1 = g1.detach(), r1.detach()
+    assert torch.allclose(g1.float(), r1.float(), rtol=0.05, atol=0.05 * float(r1.float().abs().max()))
+    assert torch.allclose(g2.float(), r2.float(), rtol=0.05, atol=0.05 * float(r2.float().abs().max()))
 
 
 @pytest.mark.parametrize("dtype", [BF16, torch.float16, torch.float32, torch.int32])

@@ -25,103 +25,30 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GELU", "gelu", "gelu_backward", "take_columns", "load", "enabled", "gelu_derivative_table"]
+__all__ = [
+    "GELU",
+    "LayerNorm",
+    "gelu",
+    "gelu_backward",
+    "layer_norm",
+    "take_columns",
+    "load",
+    "enabled",
+    "gelu_derivative_table",
+]
 
 log = logging.getLogger(__name__)
 
-_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <cstdint>
-#include <cstring>
+_SOURCE_FILE = Path(__file__).with_name("cpu_kernels.cpp")
 
-static inline float bf16_to_float(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN (c10::BFloat16's rule)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-// out[i] = bf16(float(grad[i]) * table[bits(z[i])]); grad, z: contiguous bfloat16 of one shape; table: 65536 floats
-torch::Tensor table_mul_bf16(torch::Tensor grad, torch::Tensor z, torch::Tensor table) {
-  TORCH_CHECK(grad.scalar_type() == at::kBFloat16 && z.scalar_type() == at::kBFloat16, "bfloat16 tensors expected");
-  TORCH_CHECK(grad.sizes() == z.sizes(), "grad and z shapes differ: ", grad.sizes(), " vs ", z.sizes());
-  TORCH_CHECK(table.scalar_type() == at::kFloat && table.numel() == 65536 && table.is_contiguous(),
-              "table: 65536 contiguous floats expected");
-  auto g = grad.contiguous();
-  auto zc = z.contiguous();
-  auto out = torch::empty_like(zc);
-  const uint16_t* gp = reinterpret_cast<const uint16_t*>(g.data_ptr());
-  const uint16_t* zp = reinterpret_cast<const uint16_t*>(zc.data_ptr());
-  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const float* tp = table.data_ptr<float>();
-  at::parallel_for(0, zc.numel(), 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) op[i] = float_to_bf16(bf16_to_float(gp[i]) * tp[zp[i]]);
-  });
-  return out;
-}
-
-// out[b, j] = x[b, idx[j]] for 2- or 4-byte elements: four rows per index load (1.7x torch.gather's broadcast-index
-// gather on a (128, 8192) bf16 tensor, 0.105 ms against 0.182)
-template <typename T>
-static void take_columns_rows(const T* xp, T* op, const int32_t* ip, int64_t B, int64_t n, int64_t m) {
-  at::parallel_for(0, (B + 3) / 4, 1, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      int64_t b = q * 4;
-      if (b + 4 <= B) {
-        const T *r0 = xp + b * n, *r1 = r0 + n, *r2 = r1 + n, *r3 = r2 + n;
-        T *o0 = op + b * m, *o1 = o0 + m, *o2 = o1 + m, *o3 = o2 + m;
-        for (int64_t j = 0; j < m; ++j) {
-          const int32_t k = ip[j];
-          o0[j] = r0[k]; o1[j] = r1[k]; o2[j] = r2[k]; o3[j] = r3[k];
-        }
-      } else {
-        for (; b < B; ++b) {
-          const T* r = xp + b * n;
-          T* o = op + b * m;
-          for (int64_t j = 0; j < m; ++j) o[j] = r[ip[j]];
-        }
-      }
-    }
-  });
-}
-
-torch::Tensor take_columns(torch::Tensor x, torch::Tensor idx) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "take_columns: a contiguous 2-D x expected, got sizes ", x.sizes());
-  TORCH_CHECK(idx.scalar_type() == at::kInt && idx.dim() == 1 && idx.is_contiguous(),
-              "take_columns: a contiguous 1-D int32 index expected");
-  const int64_t B = x.size(0), n = x.size(1), m = idx.numel();
-  const int32_t* ip = idx.data_ptr<int32_t>();
-  for (int64_t j = 0; j < m; ++j)
-    TORCH_CHECK(ip[j] >= 0 && ip[j] < n, "take_columns: index ", ip[j], " out of range for ", n, " columns");
-  auto out = torch::empty({B, m}, x.options());
-  if (x.element_size() == 2) {
-    take_columns_rows(reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr()),
-                      ip, B, n, m);
-  } else if (x.element_size() == 4) {
-    take_columns_rows(reinterpret_cast<const uint32_t*>(x.data_ptr()), reinterpret_cast<uint32_t*>(out.data_ptr()),
-                      ip, B, n, m);
-  } else {
-    TORCH_CHECK(false, "take_columns: 2- or 4-byte elements expected, got ", x.element_size());
-  }
-  return out;
-}
-"""
-
+_FUNCTIONS = ("table_mul_bf16", "take_columns", "layer_norm_bf16_forward", "layer_norm_bf16_backward")
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
@@ -154,8 +81,8 @@ def load() -> Any | None:
 
                 log.info("widesparse: compiling the CPU kernels (once; cached under TORCH_EXTENSIONS_DIR)")
                 _state["ext"] = load_inline(
-                    f"widesparse_cpu_kernels_{isa.lower()}", cpp_sources=_SOURCE,
-                    functions=["table_mul_bf16", "take_columns"],
+                    f"widesparse_cpu_kernels_{isa.lower()}", cpp_sources=_SOURCE_FILE.read_text(),
+                    functions=list(_FUNCTIONS),
                     extra_cflags=["-O3", "-fopenmp", _ARCH_FLAGS[isa]], extra_ldflags=["-fopenmp"], verbose=False,
                 )
             except Exception as exc:  # no compiler, no ninja, no headers: ATen's kernels it is
@@ -232,3 +159,60 @@ class GELU(nn.GELU):
 
     def forward(self, input: Tensor) -> Tensor:
         return gelu(input, self.approximate)
+
+
+_LN_MAX = 4096  # the kernel's longest row (LN_MAX in cpu_kernels.cpp)
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        y, mean, rstd = load().layer_norm_bf16_forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: ATen's backward, which has a derivative of its own
+            stat_shape = (*x.shape[:-1], 1)
+            gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+                grad, x, [x.shape[-1]], mean.view(stat_shape), rstd.view(stat_shape), weight, bias, [True, True, True]
+            )
+            return gx, gw, gb, None
+        gx, gw, gb = load().layer_norm_bf16_backward(grad, x, mean, rstd, weight)
+        return gx, gw, gb, None
+
+
+def layer_norm(
+    x: Tensor, normalized_shape: list[int] | tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """``F.layer_norm``; on bfloat16 CPU tensors over the last axis with float32 affine parameters it runs the
+    compiled kernel, forward and backward (rows up to 4096 elements)."""
+    if (
+        x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and len(normalized_shape) == 1
+        and x.dim() >= 1
+        and 0 < x.shape[-1] == normalized_shape[0] <= _LN_MAX
+        and weight is not None
+        and bias is not None
+        and weight.dtype == bias.dtype == torch.float32
+        and not torch.compiler.is_compiling()
+        and load() is not None
+    ):
+        return _LayerNorm.apply(x, weight, bias, float(eps))
+    return F.layer_norm(x, normalized_shape, weight, bias, eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """:class:`torch.nn.LayerNorm` (same arguments, same state dict) that runs :func:`layer_norm`.
+
+    Measured on 8192 rows of 128 (the Mixer's, 2 threads): forward 0.15 ms against ATen's 0.28 ms, backward
+    0.17 ms against 0.33 ms. Outputs match ATen's within one bfloat16 rounding step (the row statistics are
+    summed in another order), and the weight and bias gradients are float32 sums: PyTorch 2.13's CPU kernel
+    sums them in bfloat16 for a bfloat16 input, 17% off a float64 reference at 8192 rows.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from widesparse.cpu_kernels import LayerNorm
 from widesparse.layers import PermutedKronLinear
 from widesparse.models.base import MixerSurface
 from widesparse.models.blocks import (
@@ -103,7 +104,7 @@ class MlpMixer(MixerSurface):
                 int(channel_hidden) if channel_hidden is not None else _width(channel_expansion, dim, "channel")
             )
         act = resolve_act_layer(act_layer)
-        norm_layer = partial(nn.LayerNorm, eps=ln_eps) if norm else None
+        norm_layer = partial(LayerNorm, eps=ln_eps) if norm else None
         rates = drop_path_rates(drop_path_rate, depth, drop_path_schedule)
         self.blocks = nn.Sequential(
             *[
@@ -114,7 +115,7 @@ class MlpMixer(MixerSurface):
                 for i in range(depth)
             ]
         )
-        self.norm = nn.LayerNorm(dim, eps=ln_eps, **fk)
+        self.norm = LayerNorm(dim, eps=ln_eps, **fk)
         self.head = nn.Linear(dim, num_classes, **fk) if num_classes > 0 else nn.Identity()
         self.grad_checkpointing = False
         self.init_weights(init_mode, head_bias)

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from widesparse.budget import density as mixer_density
+from widesparse.cpu_kernels import LayerNorm
 from widesparse.layers.sparse import InitRule, MaskedLinear, MaskKind, SparseLinear
 from widesparse.models.base import MixerSurface
 from widesparse.models.blocks import (
@@ -224,7 +225,7 @@ class SwMlp(MixerSurface):
         self.num_tokens, self.dim, self.num_features, self.num_classes = S, C, C, num_classes
         self.width, self.density, self.backend = S * C, self.sizes.p, backend
         layer = partial(_BACKENDS[backend], density=self.sizes.p, mask=mask, init=init, **fk)
-        ln = partial(nn.LayerNorm, eps=ln_eps, **fk)
+        ln = partial(LayerNorm, eps=ln_eps, **fk)
         norm_layer = None if norm is None else partial(ln, C) if norm == "token" else partial(ln, (S, C))
         act = resolve_act_layer(act_layer)
         rates = drop_path_rates(drop_path_rate, depth, drop_path_schedule)

@@ -1,0 +1,248 @@
+// widesparse.cpu_kernels: compiled on first use by torch.utils.cpp_extension.load_inline (see cpu_kernels.py).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+static inline float bf16_to_float(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN (c10::BFloat16's rule)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // branch-free, so loops vectorize
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+}
+
+// out[i] = bf16(float(grad[i]) * table[bits(z[i])]); grad, z: contiguous bfloat16 of one shape; table: 65536 floats
+torch::Tensor table_mul_bf16(torch::Tensor grad, torch::Tensor z, torch::Tensor table) {
+  TORCH_CHECK(grad.scalar_type() == at::kBFloat16 && z.scalar_type() == at::kBFloat16, "bfloat16 tensors expected");
+  TORCH_CHECK(grad.sizes() == z.sizes(), "grad and z shapes differ: ", grad.sizes(), " vs ", z.sizes());
+  TORCH_CHECK(table.scalar_type() == at::kFloat && table.numel() == 65536 && table.is_contiguous(),
+              "table: 65536 contiguous floats expected");
+  auto g = grad.contiguous();
+  auto zc = z.contiguous();
+  auto out = torch::empty_like(zc);
+  const uint16_t* gp = reinterpret_cast<const uint16_t*>(g.data_ptr());
+  const uint16_t* zp = reinterpret_cast<const uint16_t*>(zc.data_ptr());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const float* tp = table.data_ptr<float>();
+  at::parallel_for(0, zc.numel(), 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) op[i] = float_to_bf16(bf16_to_float(gp[i]) * tp[zp[i]]);
+  });
+  return out;
+}
+
+// out[b, j] = x[b, idx[j]] for 2- or 4-byte elements: four rows per index load (1.7x torch.gather's broadcast-index
+// gather on a (128, 8192) bf16 tensor, 0.105 ms against 0.182)
+template <typename T>
+static void take_columns_rows(const T* xp, T* op, const int32_t* ip, int64_t B, int64_t n, int64_t m) {
+  at::parallel_for(0, (B + 3) / 4, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      int64_t b = q * 4;
+      if (b + 4 <= B) {
+        const T *r0 = xp + b * n, *r1 = r0 + n, *r2 = r1 + n, *r3 = r2 + n;
+        T *o0 = op + b * m, *o1 = o0 + m, *o2 = o1 + m, *o3 = o2 + m;
+        for (int64_t j = 0; j < m; ++j) {
+          const int32_t k = ip[j];
+          o0[j] = r0[k]; o1[j] = r1[k]; o2[j] = r2[k]; o3[j] = r3[k];
+        }
+      } else {
+        for (; b < B; ++b) {
+          const T* r = xp + b * n;
+          T* o = op + b * m;
+          for (int64_t j = 0; j < m; ++j) o[j] = r[ip[j]];
+        }
+      }
+    }
+  });
+}
+
+torch::Tensor take_columns(torch::Tensor x, torch::Tensor idx) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "take_columns: a contiguous 2-D x expected, got sizes ", x.sizes());
+  TORCH_CHECK(idx.scalar_type() == at::kInt && idx.dim() == 1 && idx.is_contiguous(),
+              "take_columns: a contiguous 1-D int32 index expected");
+  const int64_t B = x.size(0), n = x.size(1), m = idx.numel();
+  const int32_t* ip = idx.data_ptr<int32_t>();
+  for (int64_t j = 0; j < m; ++j)
+    TORCH_CHECK(ip[j] >= 0 && ip[j] < n, "take_columns: index ", ip[j], " out of range for ", n, " columns");
+  auto out = torch::empty({B, m}, x.options());
+  if (x.element_size() == 2) {
+    take_columns_rows(reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr()),
+                      ip, B, n, m);
+  } else if (x.element_size() == 4) {
+    take_columns_rows(reinterpret_cast<const uint32_t*>(x.data_ptr()), reinterpret_cast<uint32_t*>(out.data_ptr()),
+                      ip, B, n, m);
+  } else {
+    TORCH_CHECK(false, "take_columns: 2- or 4-byte elements expected, got ", x.element_size());
+  }
+  return out;
+}
+
+// LayerNorm over the last axis of a contiguous bfloat16 x (rows of N), float32 weight and bias, float32 statistics:
+// y = bf16((x - mean) * rstd * w + b), two passes over the row in float32 (mean, then the centred sum of squares).
+static constexpr int64_t LN_MAX = 4096;
+
+#if defined(__AVX512F__)
+static inline __m512 load_bf16x16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline void store_bf16x16(uint16_t* p, __m512 v) {  // float_to_bf16 on 16 lanes
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+}
+#endif
+
+static void ln_row_forward(const uint16_t* __restrict xr, uint16_t* __restrict yr, const float* __restrict w,
+                           const float* __restrict b, float* __restrict buf, int64_t N, float eps, float* mean,
+                           float* rstd) {
+  const float inv_n = 1.f / static_cast<float>(N);
+#if defined(__AVX512F__)
+  if (N % 16 == 0) {
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t j = 0; j < N; j += 16) {
+      const __m512 v = load_bf16x16(xr + j);
+      _mm512_storeu_ps(buf + j, v);
+      s = _mm512_add_ps(s, v);
+    }
+    const float mu = _mm512_reduce_add_ps(s) * inv_n;
+    const __m512 vmu = _mm512_set1_ps(mu);
+    __m512 q = _mm512_setzero_ps();
+    for (int64_t j = 0; j < N; j += 16) {
+      const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(buf + j), vmu);
+      q = _mm512_fmadd_ps(d, d, q);
+    }
+    const float rs = 1.f / std::sqrt(_mm512_reduce_add_ps(q) * inv_n + eps);
+    const __m512 vrs = _mm512_set1_ps(rs);
+    for (int64_t j = 0; j < N; j += 16) {
+      const __m512 h = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(buf + j), vmu), vrs);
+      store_bf16x16(yr + j, _mm512_fmadd_ps(h, _mm512_loadu_ps(w + j), _mm512_loadu_ps(b + j)));
+    }
+    *mean = mu;
+    *rstd = rs;
+    return;
+  }
+#endif
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < N; ++j) {
+    const float v = bf16_to_float(xr[j]);
+    buf[j] = v;
+    s += v;
+  }
+  const float mu = s * inv_n;
+  float q = 0.f;
+#pragma omp simd reduction(+ : q)
+  for (int64_t j = 0; j < N; ++j) {
+    const float d = buf[j] - mu;
+    q += d * d;
+  }
+  const float rs = 1.f / std::sqrt(q * inv_n + eps);
+#pragma omp simd
+  for (int64_t j = 0; j < N; ++j) yr[j] = float_to_bf16((buf[j] - mu) * rs * w[j] + b[j]);
+  *mean = mu;
+  *rstd = rs;
+}
+
+static void check_ln(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() >= 1, "layer_norm_bf16: a bfloat16 x expected");
+  const int64_t N = x.size(-1);
+  TORCH_CHECK(N >= 1 && N <= LN_MAX, "layer_norm_bf16: rows of 1 to ", LN_MAX, " elements, got ", N);
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == N,
+              "layer_norm_bf16: ", N, " contiguous float32 weights expected, got ", w.numel());
+}
+
+std::vector<torch::Tensor> layer_norm_bf16_forward(torch::Tensor x, torch::Tensor w, torch::Tensor b, double eps) {
+  check_ln(x, w);
+  TORCH_CHECK(b.scalar_type() == at::kFloat && b.is_contiguous() && b.numel() == w.numel(),
+              "layer_norm_bf16: float32 bias of the weight's size expected");
+  auto xc = x.contiguous();
+  const int64_t N = xc.size(-1), R = xc.numel() / N;
+  auto y = torch::empty_like(xc);
+  auto mean = torch::empty({R}, xc.options().dtype(at::kFloat));
+  auto rstd = torch::empty({R}, xc.options().dtype(at::kFloat));
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+  const float *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
+  float *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  at::parallel_for(0, R, 32, [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf(N);
+    for (int64_t r = r0; r < r1; ++r)
+      ln_row_forward(xp + r * N, yp + r * N, wp, bp, buf.data(), N, static_cast<float>(eps), mp + r, rp + r);
+  });
+  return {y, mean, rstd};
+}
+
+// dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)); dw = sum_rows g*xhat, db = sum_rows g, accumulated in float32
+// per thread (ATen 2.13 accumulates these two in bfloat16 for a bfloat16 x: 17% error at 8192 rows of 128).
+std::vector<torch::Tensor> layer_norm_bf16_backward(torch::Tensor gy, torch::Tensor x, torch::Tensor mean,
+                                                    torch::Tensor rstd, torch::Tensor w) {
+  check_ln(x, w);
+  TORCH_CHECK(gy.scalar_type() == at::kBFloat16 && gy.sizes() == x.sizes(), "layer_norm_bf16: gy must be bfloat16 of x's shape");
+  auto xc = x.contiguous();
+  auto gc = gy.contiguous();
+  const int64_t N = xc.size(-1), R = xc.numel() / N;
+  TORCH_CHECK(mean.numel() == R && rstd.numel() == R, "layer_norm_bf16: one mean and rstd per row expected");
+  auto gx = torch::empty_like(xc);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R / 32));
+  auto acc = torch::zeros({parts, 2, N}, w.options());
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  const uint16_t* gp = reinterpret_cast<const uint16_t*>(gc.data_ptr());
+  uint16_t* op = reinterpret_cast<uint16_t*>(gx.data_ptr());
+  const float* wp = w.data_ptr<float>();
+  auto mc = mean.contiguous();
+  auto rc = rstd.contiguous();
+  const float *mp = mc.data_ptr<float>(), *rp = rc.data_ptr<float>();
+  float* ap = acc.data_ptr<float>();
+  const int64_t chunk = (R + parts - 1) / parts;
+  const float inv_n = 1.f / static_cast<float>(N);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> xh_v(N), gw_v(N);
+    float* __restrict xh = xh_v.data();
+    float* __restrict gw = gw_v.data();
+    const float* __restrict wr = wp;
+    for (int64_t p = p0; p < p1; ++p) {
+      float* __restrict dw = ap + p * 2 * N;
+      float* __restrict db = dw + N;
+      for (int64_t r = p * chunk; r < std::min(R, (p + 1) * chunk); ++r) {
+        const uint16_t* __restrict xr = xp + r * N;
+        const uint16_t* __restrict gr = gp + r * N;
+        uint16_t* __restrict orow = op + r * N;
+        const float mu = mp[r], rs = rp[r];
+        float a = 0.f, c = 0.f;
+#pragma omp simd reduction(+ : a, c)
+        for (int64_t j = 0; j < N; ++j) {
+          const float h = (bf16_to_float(xr[j]) - mu) * rs;
+          const float g = bf16_to_float(gr[j]);
+          const float u = g * wr[j];
+          xh[j] = h;
+          gw[j] = u;
+          db[j] += g;
+          dw[j] += g * h;
+          a += u;
+          c += u * h;
+        }
+        a *= inv_n;
+        c *= inv_n;
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) orow[j] = float_to_bf16(rs * (gw[j] - a - xh[j] * c));
+      }
+    }
+  });
+  auto sums = acc.sum(0);
+  return {gx, sums[0], sums[1]};
+}
