@@ -234,18 +234,39 @@ def test_take_columns_refuses_out_of_range_and_declines_what_it_does_not_cover(e
     assert cpu_kernels.take_columns(x.requires_grad_(), torch.tensor([0])) is None  # would lose the graph
 
 
-def test_permute_last_runs_the_column_kernel_and_keeps_its_gradient(ext, monkeypatch):
+def test_permute_last_is_one_compiled_autograd_function_differentiable_to_any_order(ext):
     from widesparse import linalg
+
+    g = torch.Generator().manual_seed(3)
+    perm = torch.randperm(40, generator=g)
+    for dtype in (BF16, torch.float32):
+        for idx in (perm, perm.to(torch.int32)):
+            x = torch.randn(2, 4, 40, generator=g).to(dtype).requires_grad_()
+            y = linalg.permute_last(x, idx)
+            assert type(y.grad_fn).__name__ == "CppFunction" and torch.equal(y, x[..., perm])
+            gy = torch.randn(2, 4, 40, generator=g).to(dtype).requires_grad_()
+            (gx,) = torch.autograd.grad(y, x, gy, create_graph=True)
+            assert torch.equal(gx[..., perm], gy)
+            (ggy,) = torch.autograd.grad(gx, gy, torch.ones_like(gx))  # the backward is a permutation too
+            assert torch.equal(ggy, torch.ones_like(gy))
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)  # 8-byte elements: the PyTorch gather
+    assert type(linalg.permute_last(x, torch.randperm(5)).grad_fn).__name__ == "_PermuteBackward"
+    with pytest.raises(RuntimeError, match="permutations of x's last axis"):
+        linalg.permute_last(torch.randn(3, 5), torch.randperm(4), torch.randperm(4))
+
+
+def test_the_sbc_gathers_run_the_column_kernel(ext, monkeypatch):
+    from widesparse import linalg
+    from widesparse.models.gathers import gather_sbc_to_bsc
 
     calls = []
     real = linalg.take_columns
     monkeypatch.setattr(linalg, "take_columns", lambda x, i: calls.append(x.dtype) or real(x, i))
-    g = torch.Generator().manual_seed(3)
-    perm = torch.randperm(40, generator=g)
-    for dtype in (BF16, torch.float32):
-        x = torch.randn(8, 40, generator=g).to(dtype).requires_grad_()
-        y = linalg.permute_last(x, perm)
-        gy = torch.randn(8, 40, generator=g).to(dtype)
-        (gx,) = torch.autograd.grad(y, x, gy)
-        assert torch.equal(y, x[:, perm]) and torch.equal(gx[:, perm], gy)
-    assert calls == [BF16, BF16, torch.float32, torch.float32]  # forward and backward gathers
+    S, B, C = 4, 3, 5
+    idx = torch.randperm(S * C)
+    x = torch.randn(S, B, C, requires_grad=True)
+    y = gather_sbc_to_bsc(x, idx, linalg.invert_perm(idx), BF16)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    ref = x.detach().transpose(0, 1).reshape(B, S * C)[:, idx].to(BF16)
+    assert torch.equal(y, ref) and torch.equal(gx, torch.ones_like(x))
+    assert calls == [BF16, BF16]  # forward and backward gathers

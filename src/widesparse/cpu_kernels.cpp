@@ -46,8 +46,8 @@ torch::Tensor table_mul_bf16(torch::Tensor grad, torch::Tensor z, torch::Tensor 
 
 // out[b, j] = x[b, idx[j]] for 2- or 4-byte elements: four rows per index load (1.7x torch.gather's broadcast-index
 // gather on a (128, 8192) bf16 tensor, 0.105 ms against 0.182)
-template <typename T>
-static void take_columns_rows(const T* xp, T* op, const int32_t* ip, int64_t B, int64_t n, int64_t m) {
+template <typename T, typename I>
+static void take_columns_rows(const T* xp, T* op, const I* ip, int64_t B, int64_t n, int64_t m) {
   at::parallel_for(0, (B + 3) / 4, 1, [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       int64_t b = q * 4;
@@ -55,7 +55,7 @@ static void take_columns_rows(const T* xp, T* op, const int32_t* ip, int64_t B, 
         const T *r0 = xp + b * n, *r1 = r0 + n, *r2 = r1 + n, *r3 = r2 + n;
         T *o0 = op + b * m, *o1 = o0 + m, *o2 = o1 + m, *o3 = o2 + m;
         for (int64_t j = 0; j < m; ++j) {
-          const int32_t k = ip[j];
+          const I k = ip[j];
           o0[j] = r0[k]; o1[j] = r1[k]; o2[j] = r2[k]; o3[j] = r3[k];
         }
       } else {
@@ -69,15 +69,17 @@ static void take_columns_rows(const T* xp, T* op, const int32_t* ip, int64_t B, 
   });
 }
 
-torch::Tensor take_columns(torch::Tensor x, torch::Tensor idx) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "take_columns: a contiguous 2-D x expected, got sizes ", x.sizes());
-  TORCH_CHECK(idx.scalar_type() == at::kInt && idx.dim() == 1 && idx.is_contiguous(),
-              "take_columns: a contiguous 1-D int32 index expected");
-  const int64_t B = x.size(0), n = x.size(1), m = idx.numel();
-  const int32_t* ip = idx.data_ptr<int32_t>();
-  for (int64_t j = 0; j < m; ++j)
+template <typename I>
+static void check_index(const torch::Tensor& idx, int64_t n) {
+  const I* ip = idx.data_ptr<I>();
+  for (int64_t j = 0; j < idx.numel(); ++j)
     TORCH_CHECK(ip[j] >= 0 && ip[j] < n, "take_columns: index ", ip[j], " out of range for ", n, " columns");
-  auto out = torch::empty({B, m}, x.options());
+}
+
+template <typename I>
+static void take_columns_typed(const torch::Tensor& x, const torch::Tensor& idx, torch::Tensor& out) {
+  const int64_t B = x.size(0), n = x.size(1), m = idx.numel();
+  const I* ip = idx.data_ptr<I>();
   if (x.element_size() == 2) {
     take_columns_rows(reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr()),
                       ip, B, n, m);
@@ -87,7 +89,47 @@ torch::Tensor take_columns(torch::Tensor x, torch::Tensor idx) {
   } else {
     TORCH_CHECK(false, "take_columns: 2- or 4-byte elements expected, got ", x.element_size());
   }
+}
+
+// x: contiguous (B, n); idx: contiguous 1-D int32 or int64 in [0, n) -> (B, idx.numel())
+torch::Tensor take_columns(torch::Tensor x, torch::Tensor idx) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "take_columns: a contiguous 2-D x expected, got sizes ", x.sizes());
+  TORCH_CHECK((idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong) && idx.dim() == 1 &&
+                  idx.is_contiguous() && idx.device().is_cpu(),
+              "take_columns: a contiguous 1-D int32 or int64 CPU index expected");
+  auto out = torch::empty({x.size(0), idx.numel()}, x.options());
+  if (idx.scalar_type() == at::kInt) {
+    check_index<int32_t>(idx, x.size(1));
+    take_columns_typed<int32_t>(x, idx, out);
+  } else {
+    check_index<int64_t>(idx, x.size(1));
+    take_columns_typed<int64_t>(x, idx, out);
+  }
   return out;
+}
+
+// y = x[..., perm] for a permutation perm of x's last axis, inv its inverse: a C++ autograd function (no Python
+// per call, which at the small sizes of the tiny sweeps cost more than the gather) whose backward is the same
+// function with perm and inv swapped, so it is differentiable to any order.
+struct PermuteColumns : public torch::autograd::Function<PermuteColumns> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor x, torch::Tensor perm,
+                               torch::Tensor inv) {
+    ctx->save_for_backward({perm, inv});
+    const int64_t n = x.size(-1);
+    return take_columns(x.contiguous().view({-1, n}), perm).view(x.sizes());
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    auto saved = ctx->get_saved_variables();
+    return {PermuteColumns::apply(grads[0], saved[1], saved[0]), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+torch::Tensor permute_columns(torch::Tensor x, torch::Tensor perm, torch::Tensor inv) {
+  TORCH_CHECK(x.dim() >= 1 && perm.dim() == 1 && perm.numel() == x.size(-1) && inv.sizes() == perm.sizes() &&
+                  inv.scalar_type() == perm.scalar_type(),
+              "permute_columns: perm and inv must be permutations of x's last axis (", x.size(-1), " entries)");
+  return PermuteColumns::apply(x, perm.contiguous(), inv.contiguous());
 }
 
 // LayerNorm over the last axis of a contiguous bfloat16 x (rows of N), float32 weight and bias, float32 statistics:

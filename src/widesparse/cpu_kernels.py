@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ __all__ = [
     "gelu_backward",
     "layer_norm",
     "take_columns",
+    "permute_columns",
     "load",
     "enabled",
     "gelu_derivative_table",
@@ -48,7 +50,9 @@ log = logging.getLogger(__name__)
 
 _SOURCE_FILE = Path(__file__).with_name("cpu_kernels.cpp")
 
-_FUNCTIONS = ("table_mul_bf16", "take_columns", "layer_norm_bf16_forward", "layer_norm_bf16_backward")
+_FUNCTIONS = (
+    "table_mul_bf16", "take_columns", "permute_columns", "layer_norm_bf16_forward", "layer_norm_bf16_backward"
+)
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
@@ -69,42 +73,74 @@ def load() -> Any | None:
     AVX-512 nor AVX2 (as PyTorch reports it), or where it cannot build (the reason is logged once)."""
     if not enabled():
         return None
+    if "ext" in _state:
+        return _state["ext"]
     with _lock:
         if "ext" not in _state:
-            _state["ext"] = None
-            isa = torch.backends.cpu.get_cpu_capability()
-            if isa not in _ARCH_FLAGS:
-                log.info("widesparse: no CPU kernels for capability %s; using ATen's", isa)
-                return None
-            try:
-                from torch.utils.cpp_extension import load_inline
-
-                log.info("widesparse: compiling the CPU kernels (once; cached under TORCH_EXTENSIONS_DIR)")
-                _state["ext"] = load_inline(
-                    f"widesparse_cpu_kernels_{isa.lower()}", cpp_sources=_SOURCE_FILE.read_text(),
-                    functions=list(_FUNCTIONS),
-                    extra_cflags=["-O3", "-fopenmp", _ARCH_FLAGS[isa]], extra_ldflags=["-fopenmp"], verbose=False,
-                )
-            except Exception as exc:  # no compiler, no ninja, no headers: ATen's kernels it is
-                log.warning("widesparse: CPU kernels unavailable, using ATen's (%s: %s)", type(exc).__name__, exc)
+            _state["ext"] = _build()
         return _state["ext"]
 
 
+def _build() -> Any | None:
+    isa = torch.backends.cpu.get_cpu_capability()
+    if isa not in _ARCH_FLAGS:
+        log.info("widesparse: no CPU kernels for capability %s; using ATen's", isa)
+        return None
+    log.info("widesparse: building or loading the CPU kernels (a build takes about 20 s, once per machine)")
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        # the build's warnings (compiler version checks) go to the log: they must not fail a caller that turns
+        # warnings into errors (pytest -W error)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ext = load_inline(
+                f"widesparse_cpu_kernels_{isa.lower()}", cpp_sources=_SOURCE_FILE.read_text(),
+                functions=list(_FUNCTIONS),
+                extra_cflags=["-O3", "-fopenmp", _ARCH_FLAGS[isa]], extra_ldflags=["-fopenmp"], verbose=False,
+            )
+        for w in caught:
+            log.info("widesparse: CPU kernel build: %s", w.message)
+        return ext
+    except Exception as exc:  # no compiler, no ninja, no headers: ATen's kernels it is
+        log.warning("widesparse: CPU kernels unavailable, using ATen's (%s: %s)", type(exc).__name__, exc)
+        return None
+
+
 def take_columns(x: Tensor, idx: Tensor) -> Tensor | None:
-    """``x[:, idx]`` for a contiguous 2-D CPU ``x`` of 2- or 4-byte elements (the RP-Mixer's permutations), by the
+    """``x[:, idx]`` for a contiguous 2-D CPU ``x`` of 2- or 4-byte elements and an int32/int64 ``idx``, by the
     compiled kernel; ``None`` where it does not apply or is not built (the caller then gathers with PyTorch). No
-    autograd: callers wrap it (:func:`widesparse.linalg.permute_last`)."""
+    autograd: it declines an ``x`` that requires grad (see :func:`permute_columns`)."""
     if (
         x.device.type != "cpu"
         or x.dim() != 2
         or x.element_size() not in (2, 4)
         or not x.is_contiguous()
         or idx.dim() != 1
+        or idx.device.type != "cpu"
+        or idx.dtype not in (torch.int32, torch.int64)
         or (x.requires_grad and torch.is_grad_enabled())
     ):
         return None
     ext = load()
-    return None if ext is None else ext.take_columns(x, idx.to(device="cpu", dtype=torch.int32).contiguous())
+    return None if ext is None else ext.take_columns(x, idx.contiguous())
+
+
+def permute_columns(x: Tensor, perm: Tensor, inv: Tensor) -> Tensor | None:
+    """``x[..., perm]`` for a permutation ``perm`` of ``x``'s last axis (``inv`` its inverse, not checked) as one
+    compiled autograd function (backward: the same with ``perm`` and ``inv`` swapped); ``None`` where it does not
+    apply: not a CPU tensor of 2- or 4-byte elements, while compiling, or not built."""
+    if (
+        x.device.type != "cpu"
+        or x.dim() < 1
+        or x.element_size() not in (2, 4)
+        or perm.device.type != "cpu"
+        or perm.dtype not in (torch.int32, torch.int64)
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    ext = load()
+    return None if ext is None else ext.permute_columns(x, perm, inv)
 
 
 def gelu_derivative_table() -> Tensor:
