@@ -208,7 +208,24 @@ static void check_ln(const torch::Tensor& x, const torch::Tensor& w) {
               "layer_norm_bf16: ", N, " contiguous float32 weights expected, got ", w.numel());
 }
 
-std::vector<torch::Tensor> layer_norm_bf16_forward(torch::Tensor x, torch::Tensor w, torch::Tensor b, double eps) {
+// With `inv` (a permutation of the P = inv.numel() entries of each example, P a multiple of N): the output is the
+// permuted (x.numel() / P, P) matrix out[g, j] = LN(x)[g].flatten()[perm[j]], written as out[g, inv[p]] = LN(x)[g][p]
+// (the RP-Mixer's LayerNorm and J_1 in one pass).
+static const int64_t* check_permutation(const std::optional<torch::Tensor>& inv, int64_t N, int64_t numel) {
+  if (!inv.has_value()) return nullptr;
+  const auto& t = *inv;
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.is_contiguous() && t.numel() > 0 &&
+                  t.numel() % N == 0 && numel % t.numel() == 0,
+              "layer_norm_bf16: the permutation must be a contiguous int64 vector over whole rows of each example (",
+              N, " per row, ", numel, " in all), got ", t.numel());
+  const int64_t* ip = t.data_ptr<int64_t>();
+  for (int64_t j = 0; j < t.numel(); ++j)
+    TORCH_CHECK(ip[j] >= 0 && ip[j] < t.numel(), "layer_norm_bf16: permutation entry ", ip[j], " out of range");
+  return ip;
+}
+
+std::vector<torch::Tensor> layer_norm_bf16_forward(torch::Tensor x, torch::Tensor w, torch::Tensor b, double eps,
+                                                   std::optional<torch::Tensor> inv) {
   check_ln(x, w);
   TORCH_CHECK(b.scalar_type() == at::kFloat && b.is_contiguous() && b.numel() == w.numel(),
               "layer_norm_bf16: float32 bias of the weight's size expected");
@@ -221,20 +238,43 @@ std::vector<torch::Tensor> layer_norm_bf16_forward(torch::Tensor x, torch::Tenso
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
   const float *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
   float *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
-  at::parallel_for(0, R, 32, [&](int64_t r0, int64_t r1) {
+  const int64_t* ip = check_permutation(inv, N, xc.numel());
+  if (ip == nullptr) {
+    at::parallel_for(0, R, 32, [&](int64_t r0, int64_t r1) {
+      std::vector<float> buf(N);
+      for (int64_t r = r0; r < r1; ++r)
+        ln_row_forward(xp + r * N, yp + r * N, wp, bp, buf.data(), N, static_cast<float>(eps), mp + r, rp + r);
+    });
+    return {y, mean, rstd};
+  }
+  const int64_t P = inv->numel(), K = P / N;
+  at::parallel_for(0, R / K, 1, [&](int64_t g0, int64_t g1) {  // whole examples per thread: no shared lines
     std::vector<float> buf(N);
-    for (int64_t r = r0; r < r1; ++r)
-      ln_row_forward(xp + r * N, yp + r * N, wp, bp, buf.data(), N, static_cast<float>(eps), mp + r, rp + r);
+    std::vector<uint16_t> row(N);
+    for (int64_t g = g0; g < g1; ++g) {
+      uint16_t* out = yp + g * P;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t r = g * K + k;
+        ln_row_forward(xp + r * N, row.data(), wp, bp, buf.data(), N, static_cast<float>(eps), mp + r, rp + r);
+        const int64_t* pos = ip + k * N;
+        for (int64_t c = 0; c < N; ++c) out[pos[c]] = row[c];
+      }
+    }
   });
-  return {y, mean, rstd};
+  return {y.view({R / K, P}), mean, rstd};
 }
 
 // dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)); dw = sum_rows g*xhat, db = sum_rows g, accumulated in float32
 // per thread (ATen 2.13 accumulates these two in bfloat16 for a bfloat16 x: 17% error at 8192 rows of 128).
+// With `inv`: gy is the gradient of the permuted output of layer_norm_bf16_forward(..., inv), read through inv.
 std::vector<torch::Tensor> layer_norm_bf16_backward(torch::Tensor gy, torch::Tensor x, torch::Tensor mean,
-                                                    torch::Tensor rstd, torch::Tensor w) {
+                                                    torch::Tensor rstd, torch::Tensor w,
+                                                    std::optional<torch::Tensor> inv) {
   check_ln(x, w);
-  TORCH_CHECK(gy.scalar_type() == at::kBFloat16 && gy.sizes() == x.sizes(), "layer_norm_bf16: gy must be bfloat16 of x's shape");
+  TORCH_CHECK(gy.scalar_type() == at::kBFloat16 && gy.numel() == x.numel() && (inv.has_value() || gy.sizes() == x.sizes()),
+              "layer_norm_bf16: gy must be bfloat16 of x's shape");
+  const int64_t* ip = check_permutation(inv, x.size(-1), x.numel());
+  const int64_t P = ip == nullptr ? 0 : inv->numel();
   auto xc = x.contiguous();
   auto gc = gy.contiguous();
   const int64_t N = xc.size(-1), R = xc.numel() / N;
@@ -254,6 +294,7 @@ std::vector<torch::Tensor> layer_norm_bf16_backward(torch::Tensor gy, torch::Ten
   const float inv_n = 1.f / static_cast<float>(N);
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> xh_v(N), gw_v(N);
+    std::vector<uint16_t> g_row(N);
     float* __restrict xh = xh_v.data();
     float* __restrict gw = gw_v.data();
     const float* __restrict wr = wp;
@@ -263,6 +304,13 @@ std::vector<torch::Tensor> layer_norm_bf16_backward(torch::Tensor gy, torch::Ten
       for (int64_t r = p * chunk; r < std::min(R, (p + 1) * chunk); ++r) {
         const uint16_t* __restrict xr = xp + r * N;
         const uint16_t* __restrict gr = gp + r * N;
+        if (ip != nullptr) {  // row k of example e: its gradient entries sit at inv[k*N + c] of the example's P
+          const int64_t e = r / (P / N), k = r % (P / N);
+          const uint16_t* src = gp + e * P;
+          const int64_t* pos = ip + k * N;
+          for (int64_t c = 0; c < N; ++c) g_row[c] = src[pos[c]];
+          gr = g_row.data();
+        }
         uint16_t* __restrict orow = op + r * N;
         const float mu = mp[r], rs = rp[r];
         float a = 0.f, c = 0.f;

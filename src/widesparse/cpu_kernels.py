@@ -39,6 +39,7 @@ __all__ = [
     "gelu",
     "gelu_backward",
     "layer_norm",
+    "permuted_layer_norm",
     "take_columns",
     "permute_columns",
     "load",
@@ -202,22 +203,55 @@ _LN_MAX = 4096  # the kernel's longest row (LN_MAX in cpu_kernels.cpp)
 
 class _LayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-        y, mean, rstd = load().layer_norm_bf16_forward(x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, eps: float, inv: Tensor | None) -> Tensor:
+        y, mean, rstd = load().layer_norm_bf16_forward(x, weight, bias, eps, inv)
+        ctx.save_for_backward(x, weight, bias, mean, rstd, inv)
         return y
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
-        x, weight, bias, mean, rstd = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
+        x, weight, bias, mean, rstd, inv = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: ATen's backward, which has a derivative of its own
+            if inv is not None:  # undo the permutation: gradient of LN's own output
+                grad = grad.reshape(grad.shape[0], -1)[:, inv].reshape(x.shape)
             stat_shape = (*x.shape[:-1], 1)
             gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
                 grad, x, [x.shape[-1]], mean.view(stat_shape), rstd.view(stat_shape), weight, bias, [True, True, True]
             )
-            return gx, gw, gb, None
-        gx, gw, gb = load().layer_norm_bf16_backward(grad, x, mean, rstd, weight)
-        return gx, gw, gb, None
+            return gx, gw, gb, None, None
+        gx, gw, gb = load().layer_norm_bf16_backward(grad.contiguous(), x, mean, rstd, weight, inv)
+        return gx, gw, gb, None, None
+
+
+def _kernel_layer_norm(x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None) -> bool:
+    return (
+        x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and x.dim() >= 1
+        and 0 < x.shape[-1] == n <= _LN_MAX
+        and weight is not None
+        and bias is not None
+        and weight.dtype == bias.dtype == torch.float32
+        and not torch.compiler.is_compiling()
+        and load() is not None
+    )
+
+
+def permuted_layer_norm(x: Tensor, norm: nn.Module, perm: Tensor, inv: Tensor) -> Tensor | None:
+    """``norm(x).reshape(B, P)[:, perm]`` (``P = perm.numel()`` entries per example, whole rows of ``x``) as one
+    compiled pass, forward and backward: the RP-Mixer's LayerNorm and ``J_1``. ``inv`` is ``perm``'s inverse (not
+    checked). ``None`` where it does not apply (``norm`` not a :class:`LayerNorm` over ``x``'s last axis with
+    float32 affine parameters, ``x`` not bfloat16 on the CPU, ...): the caller then normalises and permutes."""
+    if not (
+        isinstance(norm, LayerNorm)
+        and len(norm.normalized_shape) == 1
+        and _kernel_layer_norm(x, norm.normalized_shape[0], norm.weight, norm.bias)
+        and inv.dtype == torch.int64
+        and inv.device.type == "cpu"
+        and x.numel() % max(inv.numel(), 1) == 0
+    ):
+        return None
+    return _LayerNorm.apply(x, norm.weight, norm.bias, float(norm.eps), inv.contiguous())
 
 
 def layer_norm(
@@ -225,19 +259,8 @@ def layer_norm(
 ) -> Tensor:
     """``F.layer_norm``; on bfloat16 CPU tensors over the last axis with float32 affine parameters it runs the
     compiled kernel, forward and backward (rows up to 4096 elements)."""
-    if (
-        x.dtype == torch.bfloat16
-        and x.device.type == "cpu"
-        and len(normalized_shape) == 1
-        and x.dim() >= 1
-        and 0 < x.shape[-1] == normalized_shape[0] <= _LN_MAX
-        and weight is not None
-        and bias is not None
-        and weight.dtype == bias.dtype == torch.float32
-        and not torch.compiler.is_compiling()
-        and load() is not None
-    ):
-        return _LayerNorm.apply(x, weight, bias, float(eps))
+    if len(normalized_shape) == 1 and _kernel_layer_norm(x, normalized_shape[0], weight, bias):
+        return _LayerNorm.apply(x, weight, bias, float(eps), None)
     return F.layer_norm(x, normalized_shape, weight, bias, eps)
 
 
