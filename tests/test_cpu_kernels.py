@@ -270,3 +270,65 @@ def test_the_sbc_gathers_run_the_column_kernel(ext, monkeypatch):
     ref = x.detach().transpose(0, 1).reshape(B, S * C)[:, idx].to(BF16)
     assert torch.equal(y, ref) and torch.equal(gx, torch.ones_like(x))
     assert calls == [BF16, BF16]  # forward and backward gathers
+
+
+@pytest.mark.parametrize("rows_per_example", [1, 4])
+def test_permuted_layer_norm_is_layer_norm_then_the_permutation(ext, rows_per_example):
+    g = torch.Generator().manual_seed(rows_per_example)
+    B, C = 5, 48
+    P = rows_per_example * C
+    ours, _ = ln_pair(C, seed=7)
+    x = (torch.randn(B, rows_per_example, C, generator=g) * 2).to(BF16).requires_grad_()
+    perm = torch.randperm(P, generator=g)
+    inv = torch.argsort(perm)
+    y = cpu_kernels.permuted_layer_norm(x, ours, perm, inv)
+    ref = ours(x).reshape(B, P)[:, perm]
+    assert y.shape == (B, P) and torch.equal(y, ref)
+    gy = torch.randn(B, P, generator=g).to(BF16)
+    got = torch.autograd.grad(y, (x, ours.weight, ours.bias), gy, retain_graph=True)
+    want = torch.autograd.grad(ref, (x, ours.weight, ours.bias), gy)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    # create_graph: ATen's differentiable backward, through the inverse permutation
+    got2 = torch.autograd.grad(y, x, gy, create_graph=True)[0]
+    assert torch.allclose(got2.float(), want[0].float(), atol=0.02 * float(want[0].float().abs().max()))
+
+
+def test_permuted_layer_norm_declines_or_refuses_what_it_does_not_cover(ext):
+    ours, ref = ln_pair(16)
+    x = torch.randn(2, 3, 16).to(BF16)
+    perm = torch.randperm(48)
+    inv = torch.argsort(perm)
+    assert cpu_kernels.permuted_layer_norm(x.float(), ours, perm, inv) is None  # float32 x
+    assert cpu_kernels.permuted_layer_norm(x, ref, perm, inv) is None  # not our LayerNorm
+    assert cpu_kernels.permuted_layer_norm(x, ours, perm.int(), inv.int()) is None  # int32 index
+    assert cpu_kernels.permuted_layer_norm(x, ours, perm[:40], inv[:40]) is None  # not whole examples
+    with pytest.raises(RuntimeError, match="whole rows of each example"):
+        cpu_kernels.permuted_layer_norm(x, ours, torch.randperm(24), torch.randperm(24))
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu_kernels.permuted_layer_norm(x, ours, perm, inv + 1)
+
+
+def test_rp_mixer_fuses_layer_norm_and_j1_in_bf16_and_keeps_hooks(ext, monkeypatch):
+    from widesparse.models import blocks
+
+    torch.manual_seed(0)
+    model = create_model("rp_mixer", image_size=16, patch_size=4, in_chans=3, num_classes=5, dim=32, depth=2)
+    model.layout = "bsc"
+    x = torch.randn(4, 3, 16, 16)
+    calls = []
+    real = blocks.permuted_layer_norm
+    monkeypatch.setattr(blocks, "permuted_layer_norm", lambda *a: calls.append(1) or real(*a))
+    with torch.autocast("cpu", dtype=BF16):
+        fused = model(x)
+    assert len(calls) == 4  # two blocks, two sublayers each
+    monkeypatch.setattr(blocks, "permuted_layer_norm", lambda *a: None)
+    with torch.autocast("cpu", dtype=BF16):
+        plain = model(x)
+    assert torch.equal(fused, plain)
+    seen = []
+    model.blocks[0].mlp_tokens.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    monkeypatch.setattr(blocks, "permuted_layer_norm", lambda *a: calls.append(1) or real(*a))
+    calls.clear()
+    with torch.autocast("cpu", dtype=BF16):
+        assert torch.equal(model(x), fused)
+    assert len(seen) == 1 and len(calls) == 3  # the hooked sublayer runs its module call
