@@ -3,6 +3,8 @@ and the fallbacks."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -332,3 +334,23 @@ def test_rp_mixer_fuses_layer_norm_and_j1_in_bf16_and_keeps_hooks(ext, monkeypat
     with torch.autocast("cpu", dtype=BF16):
         assert torch.equal(model(x), fused)
     assert len(seen) == 1 and len(calls) == 3  # the hooked sublayer runs its module call
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch, caplog):
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = tmp_path / "some_ext" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    assert Path(_get_build_directory("some_ext", False)) == lock.parent
+    cpu_kernels._remove_stale_lock("some_ext")
+    assert lock.exists()  # a build may be running
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    with caplog.at_level("WARNING", logger="widesparse.cpu_kernels"):
+        cpu_kernels._remove_stale_lock("some_ext")
+    assert not lock.exists() and "stale build lock" in caplog.text

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,8 @@ def _build() -> Any | None:
         log.info("widesparse: no CPU kernels for capability %s; using ATen's", isa)
         return None
     log.info("widesparse: building or loading the CPU kernels (a build takes about 20 s, once per machine)")
+    name = f"widesparse_cpu_kernels_{isa.lower()}"
+    _remove_stale_lock(name)
     try:
         from torch.utils.cpp_extension import load_inline
 
@@ -96,7 +99,7 @@ def _build() -> Any | None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ext = load_inline(
-                f"widesparse_cpu_kernels_{isa.lower()}", cpp_sources=_SOURCE_FILE.read_text(),
+                name, cpp_sources=_SOURCE_FILE.read_text(),
                 functions=list(_FUNCTIONS),
                 extra_cflags=["-O3", "-fopenmp", _ARCH_FLAGS[isa]], extra_ldflags=["-fopenmp"], verbose=False,
             )
@@ -106,6 +109,21 @@ def _build() -> Any | None:
     except Exception as exc:  # no compiler, no ninja, no headers: ATen's kernels it is
         log.warning("widesparse: CPU kernels unavailable, using ATen's (%s: %s)", type(exc).__name__, exc)
         return None
+
+
+def _remove_stale_lock(name: str, older_than_s: float = 600.0) -> None:
+    """PyTorch's build lock outlives a build that was killed, and every later process would then wait on it
+    forever: a lock older than any build is removed (builds take about 20 s)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, False)) / "lock"
+        age = time.time() - lock.stat().st_mtime if lock.exists() else 0.0
+        if age > older_than_s:
+            log.warning("widesparse: removing a stale build lock %s (%.0f s old)", lock, age)
+            lock.unlink(missing_ok=True)
+    except Exception as exc:  # a private PyTorch helper: never let it stop the build
+        log.info("widesparse: could not check for a stale build lock (%s)", exc)
 
 
 def take_columns(x: Tensor, idx: Tensor) -> Tensor | None:
