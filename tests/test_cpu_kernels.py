@@ -354,3 +354,44 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatc
     with caplog.at_level("WARNING", logger="widesparse.cpu_kernels"):
         cpu_kernels._remove_stale_lock("some_ext")
     assert not lock.exists() and "stale build lock" in caplog.text
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_permute_add_is_the_residual_plus_the_permuted_output(ext, dtype):
+    g = torch.Generator().manual_seed(11)
+    B, S, C = 7, 4, 10  # 7 rows: a block of four and three single rows
+    h = torch.randn(B, S * C, generator=g).to(dtype).requires_grad_()
+    r = torch.randn(B, S, C, generator=g).to(dtype).requires_grad_()
+    perm = torch.randperm(S * C, generator=g)
+    y = cpu_kernels.permute_add(h, perm, torch.argsort(perm), r)
+    ref = r + h[:, perm].view(B, S, C)
+    assert y.shape == (B, S, C) and torch.equal(y, ref)  # one rounding of the float32 sum, as ATen's add
+    gy = torch.randn(B, S, C, generator=g).to(dtype)
+    got, want = torch.autograd.grad(y, (h, r), gy), torch.autograd.grad(ref, (h, r), gy)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert cpu_kernels.permute_add(h, perm, torch.argsort(perm), r.double()) is None  # mixed dtypes
+    assert cpu_kernels.permute_add(h.half(), perm, torch.argsort(perm), r.half()) is None  # float16
+    with pytest.raises(RuntimeError, match="whole rows"):
+        cpu_kernels.permute_add(h, torch.arange(3), torch.arange(3), r)
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_rp_mixer_joins_j2_and_the_residual_add(ext, dtype, monkeypatch):
+    from widesparse.models import blocks
+
+    torch.manual_seed(1)
+    model = create_model("rp_mixer", image_size=16, patch_size=4, in_chans=3, num_classes=5, dim=32, depth=2)
+    model = model.to(dtype)
+    model.layout = "bsc"
+    x = torch.randn(4, 3, 16, 16, dtype=dtype)
+    calls = []
+    real = blocks.permute_add
+    monkeypatch.setattr(blocks, "permute_add", lambda *a: calls.append(1) or real(*a))
+    fused = model(x)
+    g_fused = torch.autograd.grad(fused.float().square().sum(), list(model.parameters()))
+    assert len(calls) == 4
+    monkeypatch.setattr(blocks, "permute_add", lambda *a: None)
+    plain = model(x)
+    g_plain = torch.autograd.grad(plain.float().square().sum(), list(model.parameters()))
+    assert torch.equal(fused, plain)
+    assert all(torch.equal(a, b) for a, b in zip(g_fused, g_plain, strict=True))

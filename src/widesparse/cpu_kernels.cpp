@@ -47,25 +47,25 @@ torch::Tensor table_mul_bf16(torch::Tensor grad, torch::Tensor z, torch::Tensor 
 // out[b, j] = x[b, idx[j]] for 2- or 4-byte elements: four rows per index load (1.7x torch.gather's broadcast-index
 // gather on a (128, 8192) bf16 tensor, 0.105 ms against 0.182)
 template <typename T, typename I>
+static inline void gather_row_block(const T* xp, T* op, const I* ip, int64_t rows, int64_t n, int64_t m) {
+  if (rows == 4) {
+    const T *r0 = xp, *r1 = r0 + n, *r2 = r1 + n, *r3 = r2 + n;
+    T *o0 = op, *o1 = o0 + m, *o2 = o1 + m, *o3 = o2 + m;
+    for (int64_t j = 0; j < m; ++j) {
+      const I k = ip[j];
+      o0[j] = r0[k]; o1[j] = r1[k]; o2[j] = r2[k]; o3[j] = r3[k];
+    }
+    return;
+  }
+  for (int64_t b = 0; b < rows; ++b)
+    for (int64_t j = 0; j < m; ++j) op[b * m + j] = xp[b * n + ip[j]];
+}
+
+template <typename T, typename I>
 static void take_columns_rows(const T* xp, T* op, const I* ip, int64_t B, int64_t n, int64_t m) {
   at::parallel_for(0, (B + 3) / 4, 1, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      int64_t b = q * 4;
-      if (b + 4 <= B) {
-        const T *r0 = xp + b * n, *r1 = r0 + n, *r2 = r1 + n, *r3 = r2 + n;
-        T *o0 = op + b * m, *o1 = o0 + m, *o2 = o1 + m, *o3 = o2 + m;
-        for (int64_t j = 0; j < m; ++j) {
-          const I k = ip[j];
-          o0[j] = r0[k]; o1[j] = r1[k]; o2[j] = r2[k]; o3[j] = r3[k];
-        }
-      } else {
-        for (; b < B; ++b) {
-          const T* r = xp + b * n;
-          T* o = op + b * m;
-          for (int64_t j = 0; j < m; ++j) o[j] = r[ip[j]];
-        }
-      }
-    }
+    for (int64_t q = q0; q < q1; ++q)
+      gather_row_block(xp + q * 4 * n, op + q * 4 * m, ip, std::min<int64_t>(4, B - q * 4), n, m);
   });
 }
 
@@ -130,6 +130,71 @@ torch::Tensor permute_columns(torch::Tensor x, torch::Tensor perm, torch::Tensor
                   inv.scalar_type() == perm.scalar_type(),
               "permute_columns: perm and inv must be permutations of x's last axis (", x.size(-1), " entries)");
   return PermuteColumns::apply(x, perm.contiguous(), inv.contiguous());
+}
+
+// out = r + h[:, perm] on contiguous (B, n) matrices of one dtype: float32, or bfloat16 summed in float32 and rounded
+// once (ATen's bfloat16 add): the RP-Mixer's J_2 and its residual add in one pass
+template <typename T, typename Add>
+static void take_columns_add_rows(const T* hp, const T* rp, T* op, const int64_t* ip, int64_t B, int64_t n, Add add) {
+  at::parallel_for(0, (B + 3) / 4, 1, [&](int64_t q0, int64_t q1) {
+    std::vector<T> tmp(4 * n);  // four gathered rows (L1), then one vectorised add pass per row
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t b0 = q * 4, rows = std::min<int64_t>(4, B - b0);
+      gather_row_block(hp + b0 * n, tmp.data(), ip, rows, n, n);
+      for (int64_t t = 0; t < rows; ++t) {
+        const T* __restrict g = tmp.data() + t * n;
+        const T* __restrict r = rp + (b0 + t) * n;
+        T* __restrict o = op + (b0 + t) * n;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) o[j] = add(r[j], g[j]);
+      }
+    }
+  });
+}
+
+struct PermuteAdd : public torch::autograd::Function<PermuteAdd> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor h, torch::Tensor perm,
+                               torch::Tensor inv, torch::Tensor r) {
+    ctx->save_for_backward({perm, inv});
+    const int64_t n = perm.numel();
+    auto hc = h.contiguous();
+    auto rc = r.contiguous();
+    check_index<int64_t>(perm, n);
+    auto out = torch::empty_like(rc);
+    const int64_t B = rc.numel() / n;
+    const int64_t* ip = perm.data_ptr<int64_t>();
+    if (rc.scalar_type() == at::kFloat) {
+      take_columns_add_rows(hc.data_ptr<float>(), rc.data_ptr<float>(), out.data_ptr<float>(), ip, B, n,
+                            [](float a, float b) { return a + b; });
+    } else {
+      take_columns_add_rows(reinterpret_cast<const uint16_t*>(hc.data_ptr()),
+                            reinterpret_cast<const uint16_t*>(rc.data_ptr()),
+                            reinterpret_cast<uint16_t*>(out.data_ptr()), ip, B, n,
+                            [](uint16_t a, uint16_t b) { return float_to_bf16(bf16_to_float(a) + bf16_to_float(b)); });
+    }
+    return out;
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto g = grads[0];
+    const int64_t n = saved[0].numel();
+    auto gh = PermuteColumns::apply(g.reshape({-1, n}), saved[1], saved[0]);
+    return {gh, torch::Tensor(), torch::Tensor(), g};
+  }
+};
+
+// r + h.view(-1, n)[:, perm] shaped like r (n = perm.numel(); h and r of one dtype, float32 or bfloat16)
+torch::Tensor permute_add(torch::Tensor h, torch::Tensor perm, torch::Tensor inv, torch::Tensor r) {
+  TORCH_CHECK(perm.dim() == 1 && perm.scalar_type() == at::kLong && inv.sizes() == perm.sizes() &&
+                  inv.scalar_type() == at::kLong && perm.numel() > 0 && h.numel() == r.numel() &&
+                  r.numel() % perm.numel() == 0,
+              "permute_add: int64 permutations over whole rows of h and r expected (", perm.numel(), " entries, ",
+              h.numel(), " and ", r.numel(), " elements)");
+  TORCH_CHECK(h.scalar_type() == r.scalar_type() &&
+                  (r.scalar_type() == at::kFloat || r.scalar_type() == at::kBFloat16),
+              "permute_add: h and r must both be float32 or both bfloat16");
+  return PermuteAdd::apply(h.reshape({-1, perm.numel()}), perm.contiguous(), inv.contiguous(), r);
 }
 
 // LayerNorm over the last axis of a contiguous bfloat16 x (rows of N), float32 weight and bias, float32 statistics:

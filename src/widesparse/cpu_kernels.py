@@ -43,6 +43,7 @@ __all__ = [
     "permuted_layer_norm",
     "take_columns",
     "permute_columns",
+    "permute_add",
     "load",
     "enabled",
     "gelu_derivative_table",
@@ -53,7 +54,12 @@ log = logging.getLogger(__name__)
 _SOURCE_FILE = Path(__file__).with_name("cpu_kernels.cpp")
 
 _FUNCTIONS = (
-    "table_mul_bf16", "take_columns", "permute_columns", "layer_norm_bf16_forward", "layer_norm_bf16_backward"
+    "table_mul_bf16",
+    "take_columns",
+    "permute_columns",
+    "permute_add",
+    "layer_norm_bf16_forward",
+    "layer_norm_bf16_backward",
 )
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
@@ -160,6 +166,24 @@ def permute_columns(x: Tensor, perm: Tensor, inv: Tensor) -> Tensor | None:
         return None
     ext = load()
     return None if ext is None else ext.permute_columns(x, perm, inv)
+
+
+def permute_add(h: Tensor, perm: Tensor, inv: Tensor, residual: Tensor) -> Tensor | None:
+    """``residual + h.reshape(-1, n)[:, perm].reshape(residual.shape)`` (``n = perm.numel()``, ``inv`` its inverse)
+    as one compiled autograd function: the RP-Mixer's ``J_2`` and residual add. Both float32 or both bfloat16 on
+    the CPU (the sum rounded once, as ATen's); ``None`` elsewhere, while compiling, or where not built."""
+    if (
+        h.device.type != "cpu"
+        or residual.device.type != "cpu"
+        or h.dtype != residual.dtype
+        or h.dtype not in (torch.float32, torch.bfloat16)
+        or perm.dtype != torch.int64
+        or perm.device.type != "cpu"
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    ext = load()
+    return None if ext is None else ext.permute_add(h, perm, inv, residual)
 
 
 def gelu_derivative_table() -> Tensor:
