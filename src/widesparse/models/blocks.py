@@ -28,7 +28,17 @@ from widesparse.kernels import (
 from widesparse.layers import PermutedKronLinear
 from widesparse.linalg import invert_perm, permute_last, vec_positions, vec_to_rowmajor
 from widesparse.models.gathers import gather_sbc_to_bsc
+from widesparse.models.parts import (
+    ACT_LAYERS,
+    DropPath,
+    PatchEmbed,
+    drop_path_rates,
+    lecun_normal_,
+    resolve_act_layer,
+    to_2tuple,
+)
 
+# (the parts are re-exported: models and outside scripts import them from here)
 __all__ = [
     "PatchEmbed",
     "DropPath",
@@ -38,99 +48,9 @@ __all__ = [
     "ACT_LAYERS",
     "to_2tuple",
     "drop_path_rates",
+    "lecun_normal_",
     "TwoSublayerBlock",
 ]
-
-ACT_LAYERS: dict[str, type[nn.Module]] = {
-    "gelu": GELU,  # nn.GELU with the table backward in bf16 on the CPU (widesparse.cpu_kernels)
-    "relu": nn.ReLU,
-    "identity": nn.Identity,
-    "linear": nn.Identity,
-    "tanh": nn.Tanh,
-    "silu": nn.SiLU,
-    "sigmoid": nn.Sigmoid,
-}
-
-
-def resolve_act_layer(act: str | Callable[[], nn.Module] | None) -> Callable[[], nn.Module]:
-    """An activation factory from a name (``gelu``, ``relu``, ``identity``, ...) or a module class."""
-    if act is None:
-        return GELU
-    if isinstance(act, str):
-        key = act.lower()
-        if key not in ACT_LAYERS:
-            raise ValueError(f"unknown activation {act!r}; valid: {', '.join(ACT_LAYERS)}")
-        return ACT_LAYERS[key]
-    return act
-
-
-def to_2tuple(v: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
-    """``8 -> (8, 8)``; validates positive integers and names the argument in errors."""
-    t = (v, v) if isinstance(v, int) else tuple(v)
-    if len(t) != 2 or not all(isinstance(i, int) and i > 0 for i in t):
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {v!r}")
-    return t  # type: ignore[return-value]
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> linear embedding: ``(B, in_chans, H, W) -> (B, S, C)``, tokens row-major."""
-
-    def __init__(self, image_size, patch_size, in_chans: int, dim: int, device=None, dtype=None) -> None:
-        super().__init__()
-        self.image_size = to_2tuple(image_size, "image_size")
-        self.patch_size = to_2tuple(patch_size, "patch_size")
-        for axis, n, p in zip(("height", "width"), self.image_size, self.patch_size, strict=True):
-            if n % p:
-                raise ValueError(
-                    f"image {axis} {n} is not divisible by patch {axis} {p} "
-                    f"(image_size={self.image_size}, patch_size={self.patch_size}); choose a patch size dividing {n}"
-                )
-        self.grid_size = (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, dim, self.patch_size, self.patch_size, device=device, dtype=dtype)
-
-    def _check(self, x: Tensor) -> None:
-        if x.shape[-2:] != self.image_size:
-            raise ValueError(f"input image size {tuple(x.shape[-2:])} != model image_size {self.image_size}")
-
-    def forward(self, x: Tensor) -> Tensor:
-        # contiguous: a transposed view here would make every residual add keep its strides and every LayerNorm
-        # copy its input (measured: 22 ms of copies per training step on the CPU workload of benchmarks/)
-        self._check(x)
-        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
-
-    def forward_sbc(self, x: Tensor) -> Tensor:
-        """The same embedding in the token-major layout ``(S, B, C)`` (contiguous), the fast path of the Mixer.
-
-        The patches are cut into ``(S, B, in_chans * p_h * p_w)`` (one copy of the images) and embedded by one
-        matrix product: measured faster than the strided convolution and its transposed output copy.
-        """
-        self._check(x)
-        B, K = x.shape[0], x.shape[1]
-        (gh, gw), (ph, pw) = self.grid_size, self.patch_size
-        patches = x.reshape(B, K, gh, ph, gw, pw).permute(2, 4, 0, 1, 3, 5).reshape(gh * gw, B, K * ph * pw)
-        return linear_last(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per example; ``rescale=True`` divides kept paths by the keep probability (timm)."""
-
-    def __init__(self, p: float = 0.0, rescale: bool = True) -> None:
-        super().__init__()
-        self.p, self.rescale = float(p), rescale
-
-    def forward(self, x: Tensor, batch_dim: int = 0) -> Tensor:
-        """Drop whole examples along ``batch_dim`` (1 in the ``(S, B, C)`` layout; same random draws)."""
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        shape = [1] * x.ndim
-        shape[batch_dim] = x.shape[batch_dim]
-        mask = x.new_empty(shape).bernoulli_(keep)
-        return x * mask / keep if self.rescale else x * mask
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, rescale={self.rescale}"
 
 
 class MixingMlp(nn.Module):
@@ -400,22 +320,3 @@ class MixerBlock(TwoSublayerBlock):
         """:meth:`forward` on the token-major layout ``(S, B, C)`` (LayerNorm is over ``C`` in both layouts)."""
         x = self._step(x, self.norm1, self.mlp_tokens.forward_sbc, 1)
         return self._step(x, self.norm2, self.mlp_channels.forward_sbc, 1)
-
-
-def lecun_normal_(t: Tensor) -> Tensor:
-    """LeCun normal (truncated at 2 std, JAX's ``variance_scaling(1, 'fan_in', 'truncated_normal')``)."""
-    fan_in = t.shape[1] * (t[0][0].numel() if t.ndim > 2 else 1)
-    std = (1.0 / fan_in) ** 0.5 / 0.87962566103423978
-    with torch.no_grad():
-        return nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std)
-
-
-def drop_path_rates(rate: float, depth: int, schedule: str) -> list[float]:
-    """Per-block stochastic-depth rates: ``linear`` (``rate * i / (depth - 1)``) or ``uniform``."""
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
-    if schedule == "uniform":
-        return [rate] * depth
-    if schedule != "linear":
-        raise ValueError(f"drop_path_schedule must be 'linear' or 'uniform', got {schedule!r}")
-    return [rate * i / max(depth - 1, 1) for i in range(depth)]
