@@ -186,6 +186,12 @@ class TimmStepper:
         self.proc.wait(timeout=60)
 
 
+def _cpu_kernels_status() -> dict:
+    from widesparse import cpu_kernels
+
+    return cpu_kernels.status()
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -224,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"workload": WORKLOAD, "params": PARAMS, "keep_heap": args.keep_heap, "settle": args.settle,
                     "step_gflop": flops / 1e9, "threads": args.threads,
                     "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-                    "matmul_peak_gflops": peaks, "matmul_peak_by_route": routes, "runs": {}}
+                    "cpu_kernels": _cpu_kernels_status(), "matmul_peak_gflops": peaks,
+                    "matmul_peak_by_route": routes, "runs": {}}
     for prec in args.precision.split(","):
         torch.manual_seed(0)
         timm = None

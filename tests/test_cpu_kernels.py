@@ -395,3 +395,10 @@ def test_rp_mixer_joins_j2_and_the_residual_add(ext, dtype, monkeypatch):
     g_plain = torch.autograd.grad(plain.float().square().sum(), list(model.parameters()))
     assert torch.equal(fused, plain)
     assert all(torch.equal(a, b) for a, b in zip(g_fused, g_plain, strict=True))
+
+
+def test_status_reports_what_runs(ext, monkeypatch):
+    st = cpu_kernels.status()
+    assert st == {"enabled": True, "isa": torch.backends.cpu.get_cpu_capability(), "built": True}
+    monkeypatch.setenv("WIDESPARSE_CPU_KERNELS", "off")
+    assert cpu_kernels.status()["enabled"] is False and cpu_kernels.status()["built"] is False

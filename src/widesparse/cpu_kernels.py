@@ -1,21 +1,27 @@
-"""Optional compiled CPU kernels: the bfloat16 GELU backward as one table lookup per element, and column gathers.
+"""Optional compiled CPU kernels for the Mixer family's elementwise work and the RP-Mixer's permutations.
 
-In bfloat16 an activation takes one of only 65,536 values, so the derivative of the exact (erf) GELU at every
-one of them fits a 256 KiB float32 table, built once per process by PyTorch's own ``gelu_backward``. The
-backward of :class:`GELU` on bfloat16 CPU tensors is then ``bf16(float(grad) * table[bits(z)])``: the same
-float32 product, rounded the same way, as ATen's kernel, which evaluates ``erf`` and ``exp`` per element (tests
-compare every bit pattern). Measured on the 2-core AMD EPYC of ``benchmarks/``: 0.50 ms against ATen's 0.84 ms
-on 4.2 M elements, and the issue-13 Mixer training step under bf16 autocast 1.047x faster.
+All measured on the 2-core AMD EPYC of ``benchmarks/`` (2 threads, the issue-13 workload).
 
-:func:`take_columns` gathers the columns of a ``(B, n)`` matrix by one index, four rows per index load: the
-RP-Mixer's permutations ``J_1``/``J_2`` (through :func:`widesparse.linalg.permute_last`), 1.7x faster than
-PyTorch's broadcast-index gather; the RP-Mixer bf16 step went from 0.873x to 0.927x of the Mixer's.
+* :class:`GELU`: in bfloat16 an activation takes one of only 65,536 values, so the derivative of the exact (erf)
+  GELU at every one of them fits a 256 KiB float32 table, built once per process by PyTorch's own
+  ``gelu_backward``. The backward on bfloat16 CPU tensors is ``bf16(float(grad) * table[bits(z)])``: the same
+  float32 product, rounded the same way, as ATen's kernel, which evaluates ``erf`` and ``exp`` per element
+  (tests compare every bit pattern): 0.50 ms against 0.84 ms on 4.2 M elements; the Mixer bf16 step 1.047x.
+* :class:`LayerNorm`: bfloat16 rows with float32 weight and bias (AVX-512 rows where built): forward 0.15 ms
+  against ATen's 0.28 ms and backward 0.17 against 0.33 ms on 8192 rows of 128; the weight and bias gradients
+  are float32 sums (ATen 2.13 sums them in bfloat16 for a bfloat16 input: 17% off at 8192 rows).
+* :func:`take_columns` / :func:`permute_columns`: ``x[..., perm]`` four rows per index load (0.11 ms against
+  ``torch.gather``'s 0.18 ms on a ``(128, 8192)`` bf16 matrix), :func:`permute_columns` as one C++ autograd
+  function (no Python per call: the tiny sweeps' RP-Mixer steps were mostly that). The RP-Mixer's ``J_1`` and
+  ``J_2`` (:func:`widesparse.linalg.permute_last`) use it: RP/Mixer bf16 step 0.873x -> 0.927x.
+* :func:`permuted_layer_norm` (LayerNorm and ``J_1`` in one pass, bf16) and :func:`permute_add` (``J_2`` and
+  the residual add): about +1.5% and +0.9% on the RP-Mixer step.
 
-The kernels are C++ compiled on first use with :func:`torch.utils.cpp_extension.load_inline` (a C++ compiler and
-ninja, about 20 s once, then cached by PyTorch under ``TORCH_EXTENSIONS_DIR``) for AVX-512 or AVX2 (OpenMP
-threads, as ATen's own kernels). Where that fails, on other CPUs, or with ``WIDESPARSE_CPU_KERNELS=0``,
-everything runs ATen's kernels: same values, the speed of before. Under
-``torch.compile`` :class:`GELU` is plain ``F.gelu`` (Inductor writes its own kernels).
+The kernels are C++ (``cpu_kernels.cpp``) compiled on first use with :func:`torch.utils.cpp_extension.load_inline`
+(a C++ compiler and ninja; about 20 s once, then cached by PyTorch under ``TORCH_EXTENSIONS_DIR``) for AVX-512 or
+AVX2 (OpenMP threads, as ATen's own kernels). Where that fails, on other CPUs, on other devices, under
+``torch.compile`` (Inductor writes its own kernels), or with ``WIDESPARSE_CPU_KERNELS=0``, everything runs
+ATen's kernels: the same values (LayerNorm: within one bf16 rounding), the speed of before.
 
 This module imports nothing of the package (floor 0).
 """
@@ -45,6 +51,7 @@ __all__ = [
     "permute_columns",
     "permute_add",
     "load",
+    "status",
     "enabled",
     "gelu_derivative_table",
 ]
@@ -87,6 +94,12 @@ def load() -> Any | None:
         if "ext" not in _state:
             _state["ext"] = _build()
         return _state["ext"]
+
+
+def status() -> dict[str, Any]:
+    """For benchmark records: ``enabled`` (the environment allows them), ``isa`` (PyTorch's CPU capability) and
+    ``built`` (this process has the extension; builds it if need be)."""
+    return {"enabled": enabled(), "isa": torch.backends.cpu.get_cpu_capability(), "built": load() is not None}
 
 
 def _build() -> Any | None:
