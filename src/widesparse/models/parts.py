@@ -69,21 +69,21 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"input image size {tuple(x.shape[-2:])} != model image_size {self.image_size}")
 
     def forward(self, x: Tensor) -> Tensor:
-        # contiguous: a transposed view here would make every residual add keep its strides and every LayerNorm
-        # copy its input (measured: 22 ms of copies per training step on the CPU workload of benchmarks/)
-        self._check(x)
-        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
+        """Patches cut into ``(B, S, in_chans * p_h * p_w)`` (one copy of the images), embedded by one matrix
+        product: the strided convolution's values (to summation order) at about half its cost forward + backward
+        (CPU, 2 threads, the issue-13 stem: 0.63 against 1.23 ms in bf16, 0.98 against 1.37 ms in float32)."""
+        return self._embed(x, (0, 2, 4, 1, 3, 5))
 
     def forward_sbc(self, x: Tensor) -> Tensor:
-        """The same embedding in the token-major layout ``(S, B, C)`` (contiguous), the fast path of the Mixer.
+        """The same embedding in the token-major layout ``(S, B, C)`` (contiguous), the fast path of the Mixer."""
+        return self._embed(x, (2, 4, 0, 1, 3, 5))
 
-        The patches are cut into ``(S, B, in_chans * p_h * p_w)`` (one copy of the images) and embedded by one
-        matrix product: measured faster than the strided convolution and its transposed output copy.
-        """
+    def _embed(self, x: Tensor, order: tuple[int, ...]) -> Tensor:
         self._check(x)
         B, K = x.shape[0], x.shape[1]
         (gh, gw), (ph, pw) = self.grid_size, self.patch_size
-        patches = x.reshape(B, K, gh, ph, gw, pw).permute(2, 4, 0, 1, 3, 5).reshape(gh * gw, B, K * ph * pw)
+        patches = x.reshape(B, K, gh, ph, gw, pw).permute(*order).flatten(-3)  # (B, gh, gw, K*ph*pw) or (gh, gw, B, .)
+        patches = patches.flatten(0, 1) if order[0] == 2 else patches.flatten(1, 2)
         return linear_last(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 
