@@ -356,8 +356,20 @@ _COMMANDS = {
 }
 
 
+def _show_package_log() -> None:
+    """The package's INFO lines (e.g. the one-time build of :mod:`widesparse.cpu_kernels`) on stderr, unless the
+    caller configured logging already."""
+    import logging
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    if logging.getLogger("widesparse").level == logging.NOTSET:
+        logging.getLogger("widesparse").setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``widesparse`` console script; returns the exit code."""
+    _show_package_log()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to benchmarks/run_all.py

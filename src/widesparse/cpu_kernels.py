@@ -107,7 +107,7 @@ def _build() -> Any | None:
     if isa not in _ARCH_FLAGS:
         log.info("widesparse: no CPU kernels for capability %s; using ATen's", isa)
         return None
-    log.info("widesparse: building or loading the CPU kernels (a build takes about 20 s, once per machine)")
+    log.info("widesparse: loading the CPU kernels (the first time, building them takes about 20 s)")
     name = f"widesparse_cpu_kernels_{isa.lower()}"
     _remove_stale_lock(name)
     try:
@@ -124,6 +124,7 @@ def _build() -> Any | None:
             )
         for w in caught:
             log.info("widesparse: CPU kernel build: %s", w.message)
+        log.debug("widesparse: CPU kernels from %s", getattr(ext, "__file__", "?"))
         return ext
     except Exception as exc:  # no compiler, no ninja, no headers: ATen's kernels it is
         log.warning("widesparse: CPU kernels unavailable, using ATen's (%s: %s)", type(exc).__name__, exc)
