@@ -186,12 +186,6 @@ class TimmStepper:
         self.proc.wait(timeout=60)
 
 
-def _cpu_kernels_status() -> dict:
-    from widesparse import cpu_kernels
-
-    return cpu_kernels.status()
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -224,13 +218,15 @@ def main(argv: list[str] | None = None) -> dict:
         names.append("lucidrains")
     except ImportError:
         print("mlp-mixer-pytorch not installed (pip install -e '.[bench]'): lucidrains skipped", file=sys.stderr)
+    from widesparse.cpu_kernels import status as cpu_kernels_status
+
     routes = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     peaks = {prec: r["best"] for prec, r in routes.items()}
     flops = step_flops()
     result: dict = {"workload": WORKLOAD, "params": PARAMS, "keep_heap": args.keep_heap, "settle": args.settle,
                     "step_gflop": flops / 1e9, "threads": args.threads,
                     "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-                    "cpu_kernels": _cpu_kernels_status(), "matmul_peak_gflops": peaks,
+                    "cpu_kernels": cpu_kernels_status(), "matmul_peak_gflops": peaks,
                     "matmul_peak_by_route": routes, "runs": {}}
     for prec in args.precision.split(","):
         torch.manual_seed(0)

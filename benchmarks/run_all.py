@@ -202,12 +202,6 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_kernels_status() -> dict:
-    from widesparse import cpu_kernels
-
-    return cpu_kernels.status()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="each benchmark in its quick mode")
@@ -234,11 +228,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     device = "cuda" if cuda else "cpu"
     reps = args.gemm_reps or (3 if args.quick else 5)
+    from widesparse.cpu_kernels import status as cpu_kernels_status
+
     peaks = {"fp32": gemm_peak(torch.float32, device, reps=reps), "bf16": gemm_peak(torch.bfloat16, device, reps=reps)}
     slug = machine_slug()
     report: dict[str, Any] = {"machine": slug, "date": dt.date.today().isoformat(), "device": device,
                               "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick,
-                              "cpu_kernels": _cpu_kernels_status(),
+                              "cpu_kernels": cpu_kernels_status(),
                               "loadavg_start": os.getloadavg(), "gemm_peak_gflops": peaks, "benchmarks": {},
                               "rows": []}
     print(f"{slug}: GEMM peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True)

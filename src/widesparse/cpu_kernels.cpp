@@ -70,10 +70,10 @@ static void take_columns_rows(const T* xp, T* op, const I* ip, int64_t B, int64_
 }
 
 template <typename I>
-static void check_index(const torch::Tensor& idx, int64_t n) {
+static void check_index(const torch::Tensor& idx, int64_t n, const char* what) {
   const I* ip = idx.data_ptr<I>();
   for (int64_t j = 0; j < idx.numel(); ++j)
-    TORCH_CHECK(ip[j] >= 0 && ip[j] < n, "take_columns: index ", ip[j], " out of range for ", n, " columns");
+    TORCH_CHECK(ip[j] >= 0 && ip[j] < n, what, ": index ", ip[j], " out of range for ", n, " columns");
 }
 
 template <typename I>
@@ -99,10 +99,10 @@ torch::Tensor take_columns(torch::Tensor x, torch::Tensor idx) {
               "take_columns: a contiguous 1-D int32 or int64 CPU index expected");
   auto out = torch::empty({x.size(0), idx.numel()}, x.options());
   if (idx.scalar_type() == at::kInt) {
-    check_index<int32_t>(idx, x.size(1));
+    check_index<int32_t>(idx, x.size(1), "take_columns");
     take_columns_typed<int32_t>(x, idx, out);
   } else {
-    check_index<int64_t>(idx, x.size(1));
+    check_index<int64_t>(idx, x.size(1), "take_columns");
     take_columns_typed<int64_t>(x, idx, out);
   }
   return out;
@@ -159,7 +159,7 @@ struct PermuteAdd : public torch::autograd::Function<PermuteAdd> {
     const int64_t n = perm.numel();
     auto hc = h.contiguous();
     auto rc = r.contiguous();
-    check_index<int64_t>(perm, n);
+    check_index<int64_t>(perm, n, "permute_add");
     auto out = torch::empty_like(rc);
     const int64_t B = rc.numel() / n;
     const int64_t* ip = perm.data_ptr<int64_t>();
@@ -283,10 +283,8 @@ static const int64_t* check_permutation(const std::optional<torch::Tensor>& inv,
                   t.numel() % N == 0 && numel % t.numel() == 0,
               "layer_norm_bf16: the permutation must be a contiguous int64 vector over whole rows of each example (",
               N, " per row, ", numel, " in all), got ", t.numel());
-  const int64_t* ip = t.data_ptr<int64_t>();
-  for (int64_t j = 0; j < t.numel(); ++j)
-    TORCH_CHECK(ip[j] >= 0 && ip[j] < t.numel(), "layer_norm_bf16: permutation entry ", ip[j], " out of range");
-  return ip;
+  check_index<int64_t>(t, t.numel(), "layer_norm_bf16");
+  return t.data_ptr<int64_t>();
 }
 
 std::vector<torch::Tensor> layer_norm_bf16_forward(torch::Tensor x, torch::Tensor w, torch::Tensor b, double eps,

@@ -150,8 +150,7 @@ class MixingMlp(nn.Module):
         if self.idx_in is None:
             h = x.transpose(1, 2).contiguous() if token_last else x
         else:
-            idx, inv = (self.idx_in_t, self.inv_in_t) if token_last else (self.idx_in, self.inv_in)
-            h = permute_last(x.reshape(B, S * C), idx, inv)
+            h = permute_last(x.reshape(B, S * C), *self._input_gather(token_last))
         return self._after_input(h, x.shape, token_last, residual)
 
     def forward_from_norm(self, x: Tensor, norm: nn.Module, residual: Tensor | None = None) -> Tensor:
@@ -163,8 +162,7 @@ class MixingMlp(nn.Module):
             return y if residual is None else residual + y
         if self.idx_in is not None and x.dim() == 3 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
             token_last = self._token_last(x)
-            idx, inv = (self.idx_in_t, self.inv_in_t) if token_last else (self.idx_in, self.inv_in)
-            h = permuted_layer_norm(x, norm, idx, inv)
+            h = permuted_layer_norm(x, norm, *self._input_gather(token_last))
             if h is not None:
                 return self._after_input(h, x.shape, token_last, residual)
         return self._forward(norm(x), residual)
@@ -175,6 +173,10 @@ class MixingMlp(nn.Module):
         forward + backward; bf16 on the CPU, the whole Mixer step 1.07x. ``J_1``/``J_2`` gather straight into and
         out of that storage, so the RP-Mixer pays no transposed copy; the plain Mixer pays one each way."""
         return self.axis == "token" and (use_onednn(x, self.fc1.weight.shape[0]) or cpu_low_precision(x))
+
+    def _input_gather(self, token_last: bool) -> tuple[Tensor, Tensor]:
+        """``J_1`` as ``(idx, inv)`` on the ``(B, S*C)`` view: into channel-major storage where ``token_last``."""
+        return (self.idx_in_t, self.inv_in_t) if token_last else (self.idx_in, self.inv_in)
 
     def _after_input(self, h: Tensor, shape: torch.Size, token_last: bool, residual: Tensor | None = None) -> Tensor:
         """The rest of :meth:`forward` after ``J_1`` (or the transposed copy): ``h`` holds ``(B, C, S)`` storage
