@@ -2,10 +2,10 @@
 
 Every model of a configuration has the same S, C, D_S, D_C and depth; the SW-MLP is matched to the Mixer
 (``token_hidden``/``channel_hidden`` = D_S/D_C, so width m = S*C and the Mixer's connection count). Each model
-is measured by :func:`widesparse.profiling.measure_step` in a fresh child process: peak resident memory of the
+is measured by :func:`widesparse.analysis.profiling.measure_step` in a fresh child process: peak resident memory of the
 training steps over the memory before building (CPU; ``max_memory_allocated`` on a GPU), median step time,
 FlopCounterMode FLOPs of forward + backward, parameters and connections. Beside it, the analytic bytes of the
-dense-masked SW-MLP (:func:`widesparse.profiling.masked_sw_mlp_memory`) for each configuration and at
+dense-masked SW-MLP (:func:`widesparse.analysis.profiling.masked_sw_mlp_memory`) for each configuration and at
 Mixer-B/16 size, where the paper reports 23.2 TB vs 26.3 MB.
 
     python benchmarks/bench_memory.py [--quick] [--threads 1] [--out benchmarks/results/memory.json]
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from widesparse.profiling import masked_sw_mlp_memory, measure_step
+from widesparse.analysis.profiling import masked_sw_mlp_memory, measure_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {  # image 32 px, 3 channels, 10 classes

@@ -45,7 +45,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> dict[str, f
     On AMD CPUs MKL's float32 ``torch.mm`` runs without AVX-512 (about 211 GFLOP/s here) while oneDNN reaches
     about 469 GFLOP/s: MFU is quoted against the faster, the machine's real peak.
     """
-    from widesparse.kernels import gemm_peaks
+    from widesparse.ops.matmul import gemm_peaks
 
     peaks = gemm_peaks(dtype, n=n, reps=reps)
     return {**peaks, "best": max(peaks.values())}
@@ -139,7 +139,7 @@ from torch import nn
 from contextlib import nullcontext
 threads, params, precision, keep_heap = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
 torch.set_num_threads(threads)
-if keep_heap:  # as widesparse.kernels.keep_freed_memory in the parent
+if keep_heap:  # as widesparse.ops.matmul.keep_freed_memory in the parent
     import ctypes
     libc = ctypes.CDLL("libc.so.6"); libc.mallopt(-3, 32 << 20); libc.mallopt(-1, 1 << 30)
 torch.manual_seed(0)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="time the second of two back-to-back steps of each model (default: on): no timed step "
                          "follows another model's")
     ap.add_argument("--keep-heap", action=argparse.BooleanOptionalAction, default=True,
-                    help="glibc keeps freed memory (widesparse.kernels.keep_freed_memory, as `widesparse train` "
+                    help="glibc keeps freed memory (widesparse.ops.matmul.keep_freed_memory, as `widesparse train` "
                          "does on the CPU), for every model alike and timm's child too: removes the page-fault "
                          "noise of fresh allocations (default: on)")
     args = ap.parse_args(argv)
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--precision: unknown {', '.join(map(repr, bad))}; valid: fp32, bf16 (comma-separated)")
     torch.set_num_threads(args.threads)
     if args.keep_heap:
-        from widesparse.kernels import keep_freed_memory
+        from widesparse.ops.heap import keep_freed_memory
 
         keep_freed_memory()
     reps = 3 if args.quick else args.reps
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         names.append("lucidrains")
     except ImportError:
         print("mlp-mixer-pytorch not installed (pip install -e '.[bench]'): lucidrains skipped", file=sys.stderr)
-    from widesparse.cpu_kernels import status as cpu_kernels_status
+    from widesparse.ops.cpu_kernels import status as cpu_kernels_status
 
     routes = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     peaks = {prec: r["best"] for prec, r in routes.items()}

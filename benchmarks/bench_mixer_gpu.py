@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.batch:
         w["batch"] = args.batch
     compile_ = device == "cuda" if args.compile is None else args.compile
-    from widesparse.kernels import gemm_peaks
+    from widesparse.ops.matmul import gemm_peaks
 
     peak = max(gemm_peaks(torch.bfloat16, device, n=1024 if args.tiny else 8192, reps=3).values())
     models, note = build(w, device, not args.no_timm)

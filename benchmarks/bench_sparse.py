@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from widesparse.analysis.profiling import reset_peak_rss, status_bytes, trim_heap
 from widesparse.layers.sparse import MaskedLinear, SparseLinear
-from widesparse.profiling import reset_peak_rss, status_bytes, trim_heap
 
 ROOT = Path(__file__).resolve().parents[1]
 MASKED_BYTES_PER_WEIGHT = 21  # weight 4 + grad 4 + AdamW state 8 + bool mask 1 + masked product saved for backward 4

@@ -6,7 +6,7 @@ depth 8, patch 4, batch 128, crop+flip augmentation on), read through the engine
 
 Per round, interleaved so machine load hits both alike:
 
-* engine: ``widesparse.train.train`` for 2 epochs; the second epoch is measured (warm), as its training loop
+* engine: ``widesparse.train.engine.train`` for 2 epochs; the second epoch is measured (warm), as its training loop
   (batch gather, augmentation, normalisation, forward/backward/step, metric sums; ``train_seconds``) plus what
   happens between epochs (atomic checkpoint with fsync, metrics JSONL/CSV). Test evaluation is excluded: it
   is extra compute, not overhead.
@@ -51,10 +51,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import widesparse.train as train_mod
-from widesparse.data import load_dataset
+import widesparse.train.engine as train_mod
+from widesparse.data.datasets import load_dataset
 from widesparse.models import create_model
-from widesparse.train import TrainConfig, param_groups, resolve_model_kwargs, train, warmup_cosine
+from widesparse.train.engine import TrainConfig, param_groups, resolve_model_kwargs, train, warmup_cosine
 
 
 def write_synthetic_cifar10(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:

@@ -50,9 +50,9 @@ def machine_slug() -> str:
 
 
 def gemm_peak(dtype: torch.dtype, device: str, n: int = 4096, reps: int = 5) -> float:
-    """Best GFLOP/s of an ``n^3`` product in ``dtype`` over the routes of :func:`widesparse.kernels.gemm_peaks`
+    """Best GFLOP/s of an ``n^3`` product in ``dtype`` over the routes of :func:`widesparse.ops.matmul.gemm_peaks`
     (``torch.mm``, and oneDNN on the CPU, which is twice MKL's float32 rate on AMD processors)."""
-    from widesparse.kernels import gemm_peaks
+    from widesparse.ops.matmul import gemm_peaks
 
     return max(gemm_peaks(dtype, device, n=n, reps=reps).values())
 
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     device = "cuda" if cuda else "cpu"
     reps = args.gemm_reps or (3 if args.quick else 5)
-    from widesparse.cpu_kernels import status as cpu_kernels_status
+    from widesparse.ops.cpu_kernels import status as cpu_kernels_status
 
     peaks = {"fp32": gemm_peak(torch.float32, device, reps=reps), "bf16": gemm_peak(torch.bfloat16, device, reps=reps)}
     slug = machine_slug()

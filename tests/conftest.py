@@ -64,9 +64,9 @@ def model_name(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def onednn_route(monkeypatch: pytest.MonkeyPatch) -> bool:
-    """The float32 oneDNN route of widesparse.kernels for every size and thread count (tests use tiny shapes);
+    """The float32 oneDNN route of widesparse.ops.matmul for every size and thread count (tests use tiny shapes);
     returns whether this machine takes it at all."""
-    from widesparse import kernels
+    import widesparse.ops.matmul as kernels
 
     monkeypatch.setattr(kernels, "MIN_MACS", 0)
     monkeypatch.setattr(kernels, "MIN_THREADS", 1)

@@ -518,7 +518,7 @@ def test_vec_to_rowmajor(rows, cols, seed):
 
 
 def test_permute_last_matches_indexing_with_gradients():
-    from widesparse.linalg import permute_last
+    from widesparse.ops.gathers import permute_last
 
     g = torch.Generator().manual_seed(3)
     perm = torch.randperm(12, generator=g)
@@ -534,7 +534,7 @@ def test_permute_last_matches_indexing_with_gradients():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_permute_last_low_precision_moves_bits_exactly(dtype):
-    from widesparse.linalg import permute_last
+    from widesparse.ops.gathers import permute_last
 
     x = torch.randn(3, 5, 24).to(dtype).requires_grad_()
     perm = torch.randperm(24, generator=torch.Generator().manual_seed(1))

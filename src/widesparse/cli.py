@@ -148,10 +148,10 @@ def _caster(type_name: str) -> Any:
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One ``--key value`` option per field of :class:`widesparse.train.TrainConfig` (defaults stay the config's)."""
+    """One ``--key value`` option per field of :class:`widesparse.train.engine.TrainConfig` (defaults stay the config's)."""
     import dataclasses
 
-    from widesparse.train import TrainConfig
+    from widesparse.train.engine import TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
         if f.name == "model_kwargs":
@@ -215,7 +215,7 @@ def _cmd_plan(args: argparse.Namespace, extra: dict[str, Any]) -> int:
 def _cmd_train(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     import dataclasses
 
-    from widesparse.train import TrainConfig, train
+    from widesparse.train.engine import TrainConfig, train
 
     values: dict[str, Any] = {}
     if args.config_file:
@@ -235,8 +235,8 @@ def _model_for(target: str, dataset: str, extra: dict[str, Any], seed: int):
     """A trained model from a run folder, or an untrained registry model sized for ``dataset``."""
     from pathlib import Path
 
-    from widesparse.data import get_dataset_info
-    from widesparse.train import TrainConfig, load_run, resolve_model_kwargs
+    from widesparse.data.datasets import get_dataset_info
+    from widesparse.train.engine import TrainConfig, load_run, resolve_model_kwargs
 
     if Path(target).is_dir():
         return load_run(target)[0]
@@ -252,8 +252,9 @@ def _cmd_cka(args: argparse.Namespace, extra: dict[str, Any]) -> int:
 
     import torch
 
-    from widesparse import cka, plots
-    from widesparse.data import load_dataset
+    from widesparse import cka
+    from widesparse.analysis import plots
+    from widesparse.data.datasets import load_dataset
 
     if args.run_b is None and not args.self_:
         raise ValueError("give two models (RUN_A RUN_B) or --self to compare RUN_A with itself")
@@ -278,11 +279,11 @@ def _cmd_cka(args: argparse.Namespace, extra: dict[str, Any]) -> int:
 def _cmd_spectra(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     from pathlib import Path
 
+    from widesparse.analysis.spectra import format_spectra, spectra_table
     from widesparse.models import create_model
-    from widesparse.spectra import format_spectra, spectra_table
 
     if Path(args.target).is_dir():
-        from widesparse.train import init_model, load_run
+        from widesparse.train.engine import init_model, load_run
 
         trained, _ = load_run(args.target)
         rows = spectra_table(trained, reference=init_model(args.target), method=args.method)
@@ -357,7 +358,7 @@ _COMMANDS = {
 
 
 def _show_package_log() -> None:
-    """The package's INFO lines (e.g. the one-time build of :mod:`widesparse.cpu_kernels`) on stderr, unless the
+    """The package's INFO lines (e.g. the one-time build of :mod:`widesparse.ops.cpu_kernels`) on stderr, unless the
     caller configured logging already."""
     import logging
 
@@ -386,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"widesparse {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from widesparse.train import NonFiniteLossError
+        from widesparse.train.engine import NonFiniteLossError
 
         if not isinstance(e, NonFiniteLossError):
             raise

@@ -15,13 +15,11 @@ for tests and analysis.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
-
-from widesparse.cpu_kernels import permute_columns, take_columns
 
 __all__ = [
     "vec",
@@ -32,9 +30,6 @@ __all__ = [
     "invert_perm",
     "compose_perms",
     "apply_perm",
-    "permute_last",
-    "permute_with",
-    "gather_bits",
     "random_perm",
     "is_identity_perm",
     "kron_dense",
@@ -106,85 +101,6 @@ def apply_perm(x: Tensor, perm: Tensor | None) -> Tensor:
     if perm.numel() != x.shape[-1]:
         raise ValueError(f"permutation of length {perm.numel()} applied to vectors of length {x.shape[-1]}")
     return x[..., perm]
-
-
-Gather = Callable[[Tensor, Tensor], Tensor]
-
-
-def gather_bits(x: Tensor, dim: int, index: Tensor) -> Tensor:
-    """``torch.gather(x, dim, index)``; 16-bit floats are moved as int16 (pure data movement, the same bits), whose
-    integer gather kernel measured 1.4x faster than the bfloat16 one on CPU.
-
-    Under ``torch.compile`` on the CPU it is one opaque call of that kernel: Inductor would otherwise fuse the
-    gather into the neighbouring LayerNorm and GELU kernels as scalar indirect loads, and the compiled RP-Mixer
-    bf16 step took 213 ms against 157 ms eager (CPU, 2 threads).
-    """
-    if x.device.type == "cpu" and torch.compiler.is_compiling():
-        return _opaque_gather(x, dim, index)
-    return _gather_bits(x, dim, index)
-
-
-def _gather_bits(x: Tensor, dim: int, index: Tensor) -> Tensor:
-    if x.dim() == 2 and dim in (1, -1) and index.dim() == 2 and index.shape[0] == x.shape[0] and index.stride(0) == 0:
-        # one index broadcast over the rows (the permutations): the compiled column gather, where it is built
-        out = take_columns(x, index[0])
-        if out is not None:
-            return out
-    if x.dtype in (torch.bfloat16, torch.float16):
-        return torch.gather(x.view(torch.int16), dim, index).view(x.dtype)
-    return torch.gather(x, dim, index)
-
-
-@torch.library.custom_op("widesparse::gather", mutates_args=())
-def _opaque_gather(x: Tensor, dim: int, index: Tensor) -> Tensor:
-    return _gather_bits(x, dim, index)
-
-
-@_opaque_gather.register_fake
-def _(x: Tensor, dim: int, index: Tensor) -> Tensor:
-    return x.new_empty(index.shape)
-
-
-def _gather_last(x: Tensor, idx: Tensor) -> Tensor:
-    # torch.gather with a broadcast (expanded, not copied) index: measured 1.6x (fp32) to 5x (bf16) faster on CPU
-    # than index_select on the last dimension, whose strided column copies are cache-unfriendly.
-    return gather_bits(x, -1, idx.expand(*x.shape[:-1], idx.numel()))
-
-
-class _Permute(torch.autograd.Function):
-    """``gather(x, perm)`` whose backward is ``gather(grad, inv)`` (a second gather, not a scatter-add)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, perm: Tensor, inv: Tensor, gather: Gather) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(inv)
-        ctx.gather = gather
-        return gather(x, perm)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
-        (inv,) = ctx.saved_tensors
-        return ctx.gather(grad.contiguous(), inv), None, None, None
-
-
-def permute_with(x: Tensor, perm: Tensor, inv: Tensor | None, gather: Gather) -> Tensor:
-    """A permutation applied by ``gather(x, perm)``, differentiable through ``gather(grad, inv)``.
-
-    ``gather`` must be linear in ``x`` and ``gather(gather(x, perm), inv) == x``; it picks the memory route (e.g.
-    the Mixer's ``(S, B, C)`` layout in :mod:`widesparse.models.blocks`).
-    """
-    return _Permute.apply(x, perm, invert_perm(perm) if inv is None else inv, gather)
-
-
-def permute_last(x: Tensor, perm: Tensor, inv: Tensor | None = None) -> Tensor:
-    """``x[..., perm]`` for a permutation ``perm`` (``inv`` its inverse, computed if not given).
-
-    Same values as :func:`apply_perm`; the backward pass is a second gather, not the scatter-add autograd
-    uses for general indexing (several times faster on CPU). On the CPU it is one compiled autograd function where
-    :mod:`widesparse.cpu_kernels` is built (:func:`~widesparse.cpu_kernels.permute_columns`).
-    """
-    inv = invert_perm(perm) if inv is None else inv
-    out = permute_columns(x, perm, inv)
-    return permute_with(x, perm, inv, _gather_last) if out is None else out
 
 
 def random_perm(n: int, seed: int | Sequence[int], device: torch.device | str | None = None) -> Tensor:

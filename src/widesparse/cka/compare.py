@@ -143,7 +143,7 @@ def run_comparison(
     """:func:`compare` on inputs ``x`` (seeded, reshuffled batches; ``passes`` passes), written to ``out_dir``.
 
     Writes ``cka.npy``, ``cka.csv`` (long format: i, j, layer_a, layer_b, cka) and, with
-    ``plot_fn=widesparse.plots.plot_cka`` (injected: this module imports nothing of the package), ``cka.png``.
+    ``plot_fn=widesparse.analysis.plots.plot_cka`` (injected: this module imports nothing of the package), ``cka.png``.
     ``model_b=None`` compares ``model_a`` with itself. Returns a summary dict with ``diag_mean``.
     """
     if not isinstance(x, Tensor) or x.dim() < 1:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from widesparse.kernels import linear_last, use_onednn  # floor 0: imports nothing of the package
+from widesparse.ops.matmul import linear_last, use_onednn  # floor 0: imports nothing of the package
 
 F64 = torch.float64
 
@@ -83,7 +83,7 @@ def _sym_gram(s: Tensor, blocks: int) -> Tensor:
 
 
 def _bmm_nt(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b^T`` per stack entry; float32 on the CPU through oneDNN (:mod:`widesparse.kernels`: 1.8x the
+    """``a @ b^T`` per stack entry; float32 on the CPU through oneDNN (:mod:`widesparse.ops.matmul`: 1.8x the
     batched MKL product on AMD CPUs), else one ``bmm``."""
     if use_onednn(a[0], b.shape[1]) and b.dtype == a.dtype:
         return torch.stack([linear_last(x, y) for x, y in zip(a, b, strict=True)])

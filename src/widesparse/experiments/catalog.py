@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from widesparse import budget
-from widesparse.data import get_dataset_info
+from widesparse.data.datasets import get_dataset_info
 from widesparse.experiments.specs import (
     Experiment,
     Point,
@@ -284,4 +284,4 @@ register_experiment(Experiment(
     "A dense-masked SW-MLP at ImageNet Mixer scale needs terabytes; the Mixer and RP-Mixer need megabytes and "
     "equal FLOPs.", "23.2 TB (masked SW-MLP) vs 26.3 MB (Mixer/RP-Mixer) at Mixer-B/16 scale",
     ("Peak resident memory of a training step (forward, backward, AdamW) measured in a fresh process.",
-     "The extrapolation to Mixer-B/16 is analytic (widesparse.profiling.masked_sw_mlp_memory)."), _e10, x="m"))
+     "The extrapolation to Mixer-B/16 is analytic (widesparse.analysis.profiling.masked_sw_mlp_memory)."), _e10, x="m"))

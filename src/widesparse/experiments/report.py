@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from widesparse import budget
-from widesparse.checkpoint import atomic_write
 from widesparse.experiments import figures
 from widesparse.experiments.findings import Verdict, judge
 from widesparse.experiments.specs import get_experiment
 from widesparse.experiments.table import read_plan, write_table
+from widesparse.train.checkpoint import atomic_write
 
 __all__ = ["build_report", "table1_configs", "summary_table"]
 
@@ -115,9 +115,9 @@ def _e9_blocks() -> list[Block]:
 
 def _e10_blocks() -> list[Block]:
     try:
-        from widesparse.profiling import masked_sw_mlp_memory
+        from widesparse.analysis.profiling import masked_sw_mlp_memory
     except ImportError:
-        return [("p", "The analytic extrapolation needs widesparse.profiling (not available in this build).")]
+        return [("p", "The analytic extrapolation needs widesparse.analysis.profiling (not available in this build).")]
     est = masked_sw_mlp_memory(196, 768, 384, 3072, 12)
     rows: list[list[str]] = []
 
@@ -134,7 +134,7 @@ def _e10_blocks() -> list[Block]:
 
     for k, v in est.items():
         add(k, v)
-    return [("h3", "Extrapolation to Mixer-B/16 (analytic, widesparse.profiling.masked_sw_mlp_memory)"),
+    return [("h3", "Extrapolation to Mixer-B/16 (analytic, widesparse.analysis.profiling.masked_sw_mlp_memory)"),
             ("table", ["quantity", "value"], rows),
             ("p", "'paper comparison' rows are our figure divided by the paper's (23.2 TB for the masked SW-MLP, "
                   "26.3 MB for the Mixer), in decimal and binary units: 1.0 would be an exact match.")]

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from widesparse.checkpoint import write_json
 from widesparse.experiments.catalog import image_geometry
 from widesparse.experiments.scales import get_scale
 from widesparse.experiments.specs import KINDS, Point, Run, forward_flops, get_experiment, list_experiments
 from widesparse.experiments.tasks import execute, is_done
+from widesparse.train.checkpoint import write_json
 
 __all__ = ["BACKENDS", "SweepResult", "expand", "unique_runs", "check_data", "estimate", "format_plan",
            "run_sweep", "write_plan"]
@@ -61,7 +61,7 @@ def _datasets(points: Sequence[Point]) -> dict[str, str | None]:
 def check_data(points: Sequence[Point]) -> None:
     """Before anything starts: every on-disk data set the runs need is present (else FileNotFoundError naming
     the data set, the missing files, where they were looked for and where to get them)."""
-    from widesparse.data import get_dataset_info, missing_files
+    from widesparse.data.datasets import get_dataset_info, missing_files
 
     problems = []
     for name, data_dir in _datasets(points).items():

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from widesparse.checkpoint import atomic_write
 from widesparse.experiments.specs import forward_flops
 from widesparse.experiments.tasks import ERROR, RESULT
+from widesparse.train.checkpoint import atomic_write
 
 __all__ = ["COLUMNS", "METRICS", "load_rows", "write_table", "aggregate", "read_plan"]
 

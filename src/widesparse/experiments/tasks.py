@@ -1,6 +1,6 @@
 """Execute one :class:`~widesparse.experiments.specs.Run` in its folder and write ``result.json`` atomically.
 
-Floor 5: uses the engine (:func:`widesparse.train.train`), CKA, spectra and profiling. A run folder is
+Floor 5: uses the engine (:func:`widesparse.train.engine.train`), CKA, spectra and profiling. A run folder is
 ``OUT/runs/<run id>``; ``result.json`` appears only when the run finished, so its presence is what "done" means. A
 training run interrupted mid-way resumes from its ``checkpoint.pt`` (exactly: the engine's resume).
 """
@@ -37,8 +37,8 @@ def _tuples(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train(params: dict[str, Any], run_dir: Path, threads: int | None) -> dict[str, Any]:
-    from widesparse.train import CHECKPOINT, train
-    from widesparse.train_config import TrainConfig
+    from widesparse.train.config import TrainConfig
+    from widesparse.train.engine import CHECKPOINT, train
 
     cfg = dict(params["config"])
     cfg["model_kwargs"] = _tuples(cfg["model_kwargs"])
@@ -61,7 +61,7 @@ def _train(params: dict[str, Any], run_dir: Path, threads: int | None) -> dict[s
 @functools.lru_cache(maxsize=2)
 def _test_inputs(dataset: str, data_dir: str | None, seed: int) -> Any:
     """The test images every CKA run of a sweep compares on: read once per process, not once per pair."""
-    from widesparse.data import load_dataset
+    from widesparse.data.datasets import load_dataset
 
     return load_dataset(dataset, data_dir=data_dir, seed=seed)[1].x
 
@@ -70,7 +70,7 @@ def _cka(params: dict[str, Any], run_dir: Path, threads: int | None) -> dict[str
     import torch
 
     from widesparse.cka import run_comparison
-    from widesparse.train import load_run
+    from widesparse.train.engine import load_run
 
     runs = run_dir.parent
     model_a, _ = load_run(runs / params["a"])
@@ -88,13 +88,13 @@ def _cka(params: dict[str, Any], run_dir: Path, threads: int | None) -> dict[str
 def _spectra(params: dict[str, Any], run_dir: Path, threads: int | None) -> dict[str, Any]:
     import torch
 
+    from widesparse.analysis.spectra import spectra_table
     from widesparse.models import create_model
-    from widesparse.spectra import spectra_table
 
     if threads:
         torch.set_num_threads(threads)
     if "run" in params:  # a trained run: its weights, with the same model at init as the reference
-        from widesparse.train import init_model, load_run
+        from widesparse.train.engine import init_model, load_run
 
         model, _ = load_run(run_dir.parent / params["run"])
         rows = spectra_table(model, reference=init_model(run_dir.parent / params["run"]))
@@ -114,7 +114,7 @@ def _spectra(params: dict[str, Any], run_dir: Path, threads: int | None) -> dict
 
 
 def _memory(params: dict[str, Any], run_dir: Path, threads: int | None) -> dict[str, Any]:
-    from widesparse import profiling
+    from widesparse.analysis import profiling
 
     kw = {k: params[k] for k in ("batch_size", "image_size", "in_chans", "num_classes", "steps", "device")}
     return profiling.measure_step(params["model"], _tuples(params["model_kwargs"]), **kw)
@@ -133,7 +133,7 @@ def execute(run: dict[str, Any], out_dir: str, threads: int | None = None,
     Never raises for a failing run: the error and traceback go to ``error.json`` in the run folder and the
     returned dict has ``ok=False`` (a sweep goes on; the report lists the failed runs).
     """
-    from widesparse.checkpoint import write_json
+    from widesparse.train.checkpoint import write_json
 
     run_dir = Path(out_dir) / "runs" / run["id"]
     if is_done(run_dir):

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from widesparse.kernels import use_onednn
 from widesparse.layers.base import StructuredLinear
 from widesparse.linalg import commutation_matrix_dense
+from widesparse.ops.matmul import use_onednn
 
 __all__ = [
     "MonarchShape",
@@ -167,7 +167,7 @@ def monarch_multiply(x: Tensor, weight_r: Tensor, weight_l: Tensor, bias: Tensor
 
 def _monarch_grouped_conv(x: Tensor, wr: Tensor, wl: Tensor, bias: Tensor | None) -> Tensor:
     """The float32 CPU route: ``R`` and ``L`` as grouped 1x1 convolutions over the rows of ``x`` (oneDNN, see
-    :mod:`widesparse.kernels`), with one transposed copy for ``P^T`` and one for ``P``; measured 1.3x faster
+    :mod:`widesparse.ops.matmul`), with one transposed copy for ``P^T`` and one for ``P``; measured 1.3x faster
     forward + backward than the batched matmuls (MKL) at ``n = 4096``, batch 128, 2 threads. Plain autograd."""
     B = x.shape[0]
     k, q, p = wr.shape

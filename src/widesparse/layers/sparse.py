@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from widesparse.kernels import linear_last
 from widesparse.layers.base import StructuredLinear
+from widesparse.ops.matmul import linear_last
 
 __all__ = ["MaskedLinear", "SparseLinear", "MaskKind", "InitRule", "mask_row_counts", "mask_indices",
            "indices_to_mask", "init_std"]
@@ -308,7 +308,7 @@ class MaskedLinear(_MaskedBase):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight if self.mask is None else self.weight * self.mask
-        return linear_last(x, w, self.bias)  # float32 CPU: oneDNN, twice MKL's rate on AMD (widesparse.kernels)
+        return linear_last(x, w, self.bias)  # float32 CPU: oneDNN, twice MKL's rate on AMD (widesparse.ops.matmul)
 
     def effective_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         w = self.weight.detach().to(dtype or self.weight.dtype)

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from widesparse.kernels import cpu_low_precision
 from widesparse.models.chain import chainable, permutes, sublayer_chain
+from widesparse.ops.matmul import cpu_low_precision
 
 __all__ = ["MixerSurface", "collect_intermediates", "resolve_indices"]
 

@@ -16,26 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from widesparse.cpu_kernels import GELU, permute_add, permuted_layer_norm
-from widesparse.kernels import (
+from widesparse.layers import PermutedKronLinear
+from widesparse.layers.norm import LayerNorm
+from widesparse.layers.activation import ACT_LAYERS, GELU, resolve_act_layer
+from widesparse.layers.drop import DropPath, drop_path_rates
+from widesparse.layers.init import lecun_normal_
+from widesparse.layers.patch_embed import PatchEmbed, to_2tuple
+from widesparse.linalg import invert_perm, vec_positions, vec_to_rowmajor
+from widesparse.ops.cpu_kernels import permute_add, permuted_layer_norm
+from widesparse.ops.gathers import gather_sbc_to_bsc, permute_last
+from widesparse.ops.matmul import (
     autocast_dtype,
     autocast_input,
     cpu_low_precision,
     linear_first,
     linear_last,
     use_onednn,
-)
-from widesparse.layers import PermutedKronLinear
-from widesparse.linalg import invert_perm, permute_last, vec_positions, vec_to_rowmajor
-from widesparse.models.gathers import gather_sbc_to_bsc
-from widesparse.models.parts import (
-    ACT_LAYERS,
-    DropPath,
-    PatchEmbed,
-    drop_path_rates,
-    lecun_normal_,
-    resolve_act_layer,
-    to_2tuple,
 )
 
 # (the parts are re-exported: models and outside scripts import them from here)
@@ -155,21 +151,23 @@ class MixingMlp(nn.Module):
 
     def forward_from_norm(self, x: Tensor, norm: nn.Module, residual: Tensor | None = None) -> Tensor:
         """``self(norm(x))``, plus ``residual`` where given. In the RP-Mixer on the CPU, compiled passes join its
-        permutations to their neighbours (:mod:`widesparse.cpu_kernels`): LayerNorm and ``J_1`` in bf16 (step
+        permutations to their neighbours (:mod:`widesparse.ops.cpu_kernels`): LayerNorm and ``J_1`` in bf16 (step
         0.914x -> 0.928x of the Mixer's in an A/B), ``J_2`` and the residual add in bf16 and float32."""
         if self._forward_hooks or self._forward_pre_hooks:  # hooks see the module called
             y = self(norm(x))
             return y if residual is None else residual + y
         if self.idx_in is not None and x.dim() == 3 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
             token_last = self._token_last(x)
-            h = permuted_layer_norm(x, norm, *self._input_gather(token_last))
+            h = None
+            if isinstance(norm, LayerNorm) and tuple(norm.normalized_shape) == (x.shape[-1],):
+                h = permuted_layer_norm(x, norm.weight, norm.bias, norm.eps, *self._input_gather(token_last))
             if h is not None:
                 return self._after_input(h, x.shape, token_last, residual)
         return self._forward(norm(x), residual)
 
     def _token_last(self, x: Tensor) -> bool:
         """Whether token mixing runs over channel-major ``(B, C, S)`` storage (:meth:`_after_input`). Against the
-        1x1 convolution over ``(B, S, C)``: float32 CPU route (:mod:`widesparse.kernels`), products 1.5x faster
+        1x1 convolution over ``(B, S, C)``: float32 CPU route (:mod:`widesparse.ops.matmul`), products 1.5x faster
         forward + backward; bf16 on the CPU, the whole Mixer step 1.07x. ``J_1``/``J_2`` gather straight into and
         out of that storage, so the RP-Mixer pays no transposed copy; the plain Mixer pays one each way."""
         return self.axis == "token" and (use_onednn(x, self.fc1.weight.shape[0]) or cpu_low_precision(x))

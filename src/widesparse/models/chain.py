@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from widesparse.models.blocks import MixerBlock, MixingMlp
-from widesparse.models.gathers import compose_gathers, permute_bsc, permute_sbc
+from widesparse.ops.gathers import compose_gathers, permute_bsc, permute_sbc
 
 __all__ = ["chainable", "permutes", "sublayer_chain"]
 

@@ -37,16 +37,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from widesparse.cpu_kernels import LayerNorm
 from widesparse.layers import PermutedKronLinear
+from widesparse.layers.activation import resolve_act_layer
+from widesparse.layers.drop import drop_path_rates
+from widesparse.layers.init import lecun_normal_
+from widesparse.layers.norm import LayerNorm
+from widesparse.layers.patch_embed import PatchEmbed
 from widesparse.models.base import MixerSurface
-from widesparse.models.blocks import (
-    MixerBlock,
-    PatchEmbed,
-    drop_path_rates,
-    lecun_normal_,
-    resolve_act_layer,
-)
+from widesparse.models.blocks import MixerBlock
 from widesparse.models.registry import register_model
 
 __all__ = ["MlpMixer"]

@@ -31,10 +31,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from widesparse.layers.activation import resolve_act_layer
 from widesparse.layers.monarch import MonarchLinear, TiedMonarchLinear
+from widesparse.layers.patch_embed import to_2tuple
 from widesparse.linalg import unvec, vec
 from widesparse.models.base import collect_intermediates
-from widesparse.models.blocks import resolve_act_layer, to_2tuple
 from widesparse.models.registry import register_model
 
 __all__ = ["MonarchMlp"]

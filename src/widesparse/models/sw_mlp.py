@@ -42,17 +42,14 @@ import torch
 from torch import Tensor, nn
 
 from widesparse.budget import density as mixer_density
-from widesparse.cpu_kernels import LayerNorm
+from widesparse.layers.activation import resolve_act_layer
+from widesparse.layers.drop import DropPath, drop_path_rates
+from widesparse.layers.init import lecun_normal_
+from widesparse.layers.norm import LayerNorm
+from widesparse.layers.patch_embed import PatchEmbed
 from widesparse.layers.sparse import InitRule, MaskedLinear, MaskKind, SparseLinear
 from widesparse.models.base import MixerSurface
-from widesparse.models.blocks import (
-    DropPath,
-    PatchEmbed,
-    TwoSublayerBlock,
-    drop_path_rates,
-    lecun_normal_,
-    resolve_act_layer,
-)
+from widesparse.models.blocks import TwoSublayerBlock
 from widesparse.models.registry import register_model
 
 __all__ = ["SwMlp", "SparseMlp", "SwBlock", "resolve_sw_sizes", "SwSizes"]

@@ -1,0 +1,1 @@
+"""Bridges to other tools (timm); each imports its tool only when used."""
