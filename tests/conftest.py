@@ -1,49 +1,11 @@
-"""Shared fixtures: small versions of every registered model."""
+"""Shared fixtures (the shared helpers that are not fixtures live in tests/helpers.py)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import pytest
 import torch
 
-from widesparse.models import create_model, list_models
-
-# Small, rectangular sizes: S = (8/2) * (8/4) = 8 tokens, C = 5 channels, hidden widths != S, C (gamma != 1).
-SMALL: dict[str, Any] = {
-    "image_size": 8,
-    "patch_size": (2, 4),
-    "in_chans": 2,
-    "dim": 5,
-    "depth": 2,
-    "num_classes": 4,
-}
-HIDDEN: dict[str, Any] = {"token_hidden": 3, "channel_hidden": 7}
-
-
-# models on raw pixels (the image itself is X in R^{H x W*in_chans}): no patch size, no dim
-PIXEL_MLPS = {"monarch_mlp", "kron_mlp"}
-
-
-def small_kwargs(name: str, **extra: Any) -> dict[str, Any]:
-    """Keyword arguments that shrink any registered model to a test size."""
-    if name in PIXEL_MLPS:
-        return {"image_size": 8, "in_chans": 2, "depth": 2, "num_classes": 4, **extra}
-    kw = dict(SMALL)
-    if "s_mixer" not in name:
-        kw.update(HIDDEN)
-    kw.update(extra)
-    return kw
-
-
-def make_small(name: str, **extra: Any) -> torch.nn.Module:
-    """A small instance of ``name`` with a non-zero head (so that every parameter receives a gradient)."""
-    model = create_model(name, **small_kwargs(name, **extra))
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(1)
-        w = model.head.weight
-        w.copy_(torch.randn(w.shape, generator=g, dtype=w.dtype))
-    return model
+from widesparse.models import list_models
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_mixer_gpu_tiny_runs_and_feeds_the_run_all_table(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_mixer_gpu.py"), "--tiny", "--rounds", "1",
@@ -30,6 +33,7 @@ def test_bench_mixer_gpu_tiny_runs_and_feeds_the_run_all_table(tmp_path: Path) -
     assert "rp_mixer-b16" in format_table(rows)
 
 
+@pytest.mark.slow
 def test_bench_mixer_gpu_needs_a_gpu_unless_tiny() -> None:
     import torch
 

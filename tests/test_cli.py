@@ -101,6 +101,7 @@ def test_train_bad_dataset(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     assert code == 2 and "digits" in err
 
 
+@pytest.mark.slow
 def test_python_dash_m() -> None:
     res = subprocess.run([sys.executable, "-m", "widesparse", "models", "mixer_b*"], capture_output=True, text=True)
     assert res.returncode == 0 and "mixer_b16" in res.stdout
@@ -127,6 +128,7 @@ def test_train_options_come_from_the_config_dataclass(capsys: pytest.CaptureFixt
         assert opt in out
 
 
+@pytest.mark.slow
 def test_spectra_of_a_name_and_of_a_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, out, _ = run(capsys, "spectra", "mixer", "--image-size", "8", "--patch-size", "2", "--dim", "16",
                        "--depth", "1")
@@ -140,6 +142,7 @@ def test_spectra_of_a_name_and_of_a_run(capsys: pytest.CaptureFixture[str], tmp_
     assert code == 2 and "unknown model" in err
 
 
+@pytest.mark.slow
 def test_cka_two_runs_and_self(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     import numpy as np
 

@@ -6,7 +6,6 @@ from fractions import Fraction
 
 import pytest
 import torch
-from conftest import PIXEL_MLPS, make_small, small_kwargs
 
 from widesparse.effective import (
     ModelTooLargeError,
@@ -19,6 +18,8 @@ from widesparse.effective import (
 )
 from widesparse.linalg import vec
 from widesparse.models import create_model
+
+from helpers import PIXEL_MLPS, make_small, small_kwargs
 
 
 def _x(dtype: torch.dtype = torch.float64) -> torch.Tensor:

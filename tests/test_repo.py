@@ -19,6 +19,15 @@ def test_ruff_clean() -> None:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_import_contracts_hold() -> None:
+    """The arrows of docs/design.md, as the import-linter contracts in pyproject.toml."""
+    pytest.importorskip("importlinter", reason="import-linter is not installed (pip install -e '.[test]')")
+    res = subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command as c; c()"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "broken" not in res.stdout.lower().replace("0 broken", ""), res.stdout
+
+
 def test_readme_opens_with_the_two_commands() -> None:
     text = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()

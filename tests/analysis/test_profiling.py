@@ -83,6 +83,7 @@ def test_proc_helpers() -> None:
         assert status_bytes("VmHWM") < peak - (32 << 20)
 
 
+@pytest.mark.slow
 def test_measure_step_in_process_and_isolated() -> None:
     here = measure_step("mixer", {k: v for k, v in TINY.items() if k not in ("image_size", "in_chans", "num_classes")},
                         batch_size=4, image_size=8, in_chans=3, num_classes=4, steps=2, isolate=False)

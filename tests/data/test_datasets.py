@@ -1,10 +1,9 @@
-"""Tests of widesparse.data.datasets: every data set by name (embedded digits; the others from small files written here in
-their real formats and layouts), the defaults table, clear errors, and the batch iterator."""
+"""Tests of widesparse.data.datasets: every data set by name (embedded digits; the others from small files written
+here in their real formats and layouts), the defaults table, clear errors, and the batch iterator."""
 
 import numpy as np
 import pytest
 import torch
-from fake_datasets import make_dataset, write_idx
 
 from widesparse.data.datasets import (
     DATASETS,
@@ -18,6 +17,8 @@ from widesparse.data.datasets import (
     load_pixels,
 )
 from widesparse.data.readers import DataFormatError
+
+from fake_datasets import make_dataset, write_idx
 
 
 @pytest.fixture(scope="module")

@@ -118,11 +118,13 @@ def test_cli_reproduce_then_report(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
 
 
+@pytest.mark.distributed
 def test_local_worker_processes(tmp_path):
     res = run_sweep(_e4(1), tmp_path, workers=2, log=lambda m: None)
     assert (res.ran, res.failed) == (2, [])
 
 
+@pytest.mark.distributed
 def test_ray_backend_on_a_local_instance(tmp_path):
     ray = pytest.importorskip("ray", reason="Ray not installed (pip install 'widesparse[ray]')")
     try:

@@ -128,6 +128,7 @@ def test_overrides():
     assert {p.run.params["config"]["data_dir"] for p in pts} == {"/d"}
 
 
+@pytest.mark.slow
 def test_every_tiny_model_builds_with_its_recorded_sizes(tiny):
     """Each training run's model is constructible and its sizes are the recorded coordinates."""
     for p in tiny:

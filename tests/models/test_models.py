@@ -6,9 +6,10 @@ import io
 
 import pytest
 import torch
-from conftest import PIXEL_MLPS, make_small, small_kwargs
 
 from widesparse.models import create_model, list_models, model_defaults
+
+from helpers import PIXEL_MLPS, make_small, small_kwargs
 
 
 def _x(batch: int = 3, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -13,6 +13,8 @@ from widesparse.effective import describe, to_wide_mlp
 from widesparse.layers.sparse import MaskedLinear, SparseLinear
 from widesparse.models import create_model, list_models
 
+from helpers import assert_loss_falls, train_steps
+
 F64 = torch.float64
 
 
@@ -131,14 +133,7 @@ def test_short_training_lowers_the_loss_and_keeps_masks(backend: str) -> None:
     x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     y = (x.flatten(1) @ torch.randn(64, 4, generator=torch.Generator().manual_seed(2))).argmax(1)  # learnable
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
-    losses = []
-    for _ in range(20):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0]
+    assert_loss_falls(train_steps(model, x, y, steps=20, opt=opt))
     if backend == "masked":
         for layer in (mod for mod in model.modules() if isinstance(mod, MaskedLinear)):
             assert torch.count_nonzero(layer.weight[~layer.mask]) == 0

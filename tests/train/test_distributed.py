@@ -10,10 +10,11 @@ import sys
 
 import pytest
 import torch
-from fake_datasets import make_dataset
 
 from widesparse.train.distributed import Dist, setup
 from widesparse.train.engine import TIMING_KEYS, TrainConfig, train
+
+from fake_datasets import make_dataset
 
 
 def test_world_of_one_is_a_no_op(monkeypatch):
@@ -78,6 +79,7 @@ def cli_args(data, out, *extra):
             "--dim", "8", "--depth", "1", *extra]
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_two_processes_equal_one_process(tmp_path):
     data = tmp_path / "data"
@@ -107,6 +109,7 @@ def test_two_processes_equal_one_process(tmp_path):
     assert summary["test_acc"] == one["test_acc"] and summary["train_acc"] == pytest.approx(one["train_acc"])
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_two_processes_interrupted_and_resumed_equal_the_uninterrupted_run(tmp_path):
     """Ctrl-C on rank 1 alone in epoch 2; both ranks checkpoint the same step; the resumed 2-process run ends exactly
