@@ -1,11 +1,11 @@
-"""Mini-batch CKA, widesparse against torch-cka and ckatorch, side by side on the same features (issue 12).
+"""Mini-batch CKA, widesparse against torch-cka and ckatorch, side by side on the same features.
 
 Workload (default): 8 x 8 layer pairs, 40 minibatches of 256 examples, 4,096 features per layer, CPU with 2
 threads. Each model is a "replay" network whose 8 submodules return precomputed feature slabs (views, so the
 forward pass costs nothing and is identical for everyone); every implementation captures them with its own
 forward hooks, exactly as a user would. Per round, every implementation runs once, interleaved, so machine load
 hits all of them alike; we report medians and per-round ratios. The values are checked against a float64
-reference written here from the HSIC_1 formula (PAPER.md §4.4), independent of widesparse.cka.
+reference written here from the HSIC_1 formula (docs/theory.md §4.4), independent of widesparse.cka.
 
     python benchmarks/bench_cka.py            # full workload: 1.5 min on 2 quiet cores, 8-13 min on busy ones
     python benchmarks/bench_cka.py --quick    # 8 minibatches, 1 round, no ckatorch (--ckatorch subset adds it)
@@ -94,7 +94,7 @@ def loader_for(batches: int) -> torch.utils.data.DataLoader:
 
 # ------------------------------------------------------------------------------------ implementations
 def reference(bank_a: Tensor, bank_b: Tensor) -> np.ndarray:
-    """float64 mini-batch CKA from the HSIC_1 formula of PAPER.md §4.4 on K~ (zero-diagonal Grams), without
+    """float64 mini-batch CKA from the HSIC_1 formula of docs/theory.md §4.4 on K~ (zero-diagonal Grams), without
     U-centring: trace term, product of sums and (K~ 1).(L~ 1) term for every pair, summed over minibatches."""
     n = bank_a.shape[2]
     c1, c2, norm = 1.0 / ((n - 1) * (n - 2)), 2.0 / (n - 2), 1.0 / (n * (n - 3))
@@ -133,7 +133,7 @@ def run_ours(bank_a: Tensor, bank_b: Tensor, gram_dtype: torch.dtype, blocks: in
 
 
 def run_plain(bank_a: Tensor, bank_b: Tensor, gram_dtype: torch.dtype) -> np.ndarray:
-    """The plain one-matmul implementation of the issue: per-layer ``x @ x.T`` Grams, U-centred, one matmul."""
+    """The plain one-matmul implementation: per-layer ``x @ x.T`` Grams, U-centred, one matmul."""
     names = [f"taps.{i}" for i in range(bank_a.shape[1])]
     la, n = len(names), bank_a.shape[2]
     cross, sa, sb = torch.zeros(la, la, dtype=F64), torch.zeros(la, dtype=F64), torch.zeros(la, dtype=F64)
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 NOTES = {
     "torch_cka": "agrees to float32 rounding (float32 Grams, uncentred, float32 accumulators); its cost is an O(n^3) "
     "trace(K @ L) per pair with HSIC(L, L) recomputed inside the pair loop and 3 .item() syncs per HSIC. It never "
-    "removes its hooks and returns NaN for n <= 3 (PEERS.md 2.1).",
+    "removes its hooks and returns NaN for n <= 3.",
     "ckatorch": "overwrites cka_epoch[i, j] per minibatch (ckatorch/cka.py), so with several minibatches its value "
     "is the CKA of the last minibatch alone: ckatorch_vs_last_minibatch_only is rounding, its error against the "
     "mini-batch reference is not. Its value does not depend on how many minibatches it sees, so by default it "

@@ -1,4 +1,4 @@
-"""Memory, FLOPs and step time of Mixer, RP-Mixer and the matched SW-MLP (masked and sparse), PAPER.md E10.
+"""Memory, FLOPs and step time of Mixer, RP-Mixer and the matched SW-MLP (masked and sparse), docs/theory.md E10.
 
 Every model of a configuration has the same S, C, D_S, D_C and depth; the SW-MLP is matched to the Mixer
 (``token_hidden``/``channel_hidden`` = D_S/D_C, so width m = S*C and the Mixer's connection count). Each model

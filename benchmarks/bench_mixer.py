@@ -1,6 +1,6 @@
 """Mixer training-step throughput: widesparse Mixer / RP-Mixer vs lucidrains' mlp-mixer-pytorch (and timm).
 
-Workload (issue 13): 32x32x3 images, patch 4 (S = 64), C = 128, depth 8, token hidden 64, channel hidden 512,
+Workload: 32x32x3 images, patch 4 (S = 64), C = 128, depth 8, token hidden 64, channel hidden 512,
 10 classes, batch 128, forward + backward + AdamW step. Every model has exactly 1,132,170 parameters; the
 script asserts it before timing. Each of ``--reps`` rounds steps every model in an order that rotates, so
 background load hits every model alike, and times the second of two back-to-back steps of each (``--settle``,

@@ -1,6 +1,6 @@
-"""Mixer-B/16 training throughput on a GPU: widesparse Mixer / RP-Mixer vs timm, bf16, torch.compile (issue 13).
+"""Mixer-B/16 training throughput on a GPU: widesparse Mixer / RP-Mixer vs timm, bf16, torch.compile.
 
-Workload (issue 13's GPU target): Mixer-B/16 (224 px, patch 16, S = 196, C = 768, depth 12, token hidden 384,
+Workload (the GPU target): Mixer-B/16 (224 px, patch 16, S = 196, C = 768, depth 12, token hidden 384,
 channel hidden 3072, 1000 classes: 59,880,472 parameters in every model, asserted before timing), batch 256,
 bf16 autocast with fp32 master weights, forward + backward + AdamW, every model under ``torch.compile``. The
 models take their steps in rounds, so clock or thermal drift hits all alike; the median step of each is kept.
@@ -40,7 +40,7 @@ def build(w: dict, device: str, with_timm: bool) -> tuple[dict[str, nn.Module], 
     from widesparse.models import create_model
 
     kw = {k: v for k, v in w.items() if k != "batch"}
-    # the issue's widths: token hidden = C/2, channel hidden = 4C; ours takes them as expansions of S and C
+    # Mixer-B/16's widths: token hidden = C/2, channel hidden = 4C; ours takes them as expansions of S and C
     kw.update(token_expansion=w["token_hidden"] / ((w["image_size"] // w["patch_size"]) ** 2),
               channel_expansion=w["channel_hidden"] / w["dim"])
     del kw["token_hidden"], kw["channel_hidden"]

@@ -1,4 +1,4 @@
-"""MonarchLinear forward + backward vs torch-structured's Monarch layer and a dense nn.Linear (issue 7).
+"""MonarchLinear forward + backward vs torch-structured's Monarch layer and a dense nn.Linear.
 
 Every layer maps ``n -> n`` on a batch of ``--batch`` (default 128) float32 rows; the input requires grad, as
 inside a network, and a step is ``y = layer(x); y.backward(g)`` with gradients reset to ``None`` before it. The
@@ -133,7 +133,7 @@ def run_size(n: int, device: str, threads: int, batch: int, reps: int, ts_cls: A
 
 
 def targets(runs: list[dict[str, Any]], has_ts: bool) -> dict[str, Any]:
-    """The issue's two CPU targets, judged on the median and on the minimum step time (ratios > 1: ours faster)."""
+    """The two CPU targets, judged on the median and on the minimum step time (ratios > 1: ours faster)."""
     cpu = [r for r in runs if r["device"] == "cpu"]
     out: dict[str, Any] = {}
     for stat in ("median", "min"):

@@ -1,4 +1,4 @@
-"""SparseLinear vs MaskedLinear: one training step of the layers m -> γm -> m, side by side (issue 11, PAPER.md E10).
+"""SparseLinear vs MaskedLinear: one training step of the layers m -> γm -> m, side by side (docs/theory.md E10).
 
 A step is forward + backward + an AdamW step of ``fc2(gelu(fc1(x)))`` on a batch of 128 (the input requires grad,
 as inside a network). Both storages are built from the same mask seeds and global RNG state, so they are the same

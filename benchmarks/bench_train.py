@@ -1,4 +1,4 @@
-"""Training-engine throughput against the bare forward/backward/step loop on the same model (issue 6).
+"""Training-engine throughput against the bare forward/backward/step loop on the same model.
 
 Workloads: ``digits`` (the default ``widesparse train`` recipe: Mixer C=128, depth 8, patch 2, batch 64) and a
 CIFAR-10-shaped synthetic set written to a temporary folder in the real pickle format (default Mixer C=128,

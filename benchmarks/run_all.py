@@ -3,7 +3,7 @@
 Each ``bench_*.py`` runs in its own process (quick mode with ``--quick``) and writes its usual JSON; this
 script measures the machine's own fp32 and bf16 GEMM peak (4096^3 products, best of N, the faster of torch.mm and
 oneDNN: on AMD CPUs MKL's float32 torch.mm runs at half the oneDNN rate), collects every
-benchmark's ratio against its peer with the issue's target, and writes everything to
+benchmark's ratio against its peer with its target, and writes everything to
 ``benchmarks/results/<machine>-<date>.json`` (machine: a slug of the CPU model or GPU name). MFU is the
 model-FLOP rate of a run over the measured peak of its precision. A peer that is not installed (the ``bench``
 extra: mlp-mixer-pytorch, torch-cka, ckatorch, torch-structured) shows as "peer not installed".

@@ -1,4 +1,4 @@
-"""Tests for widesparse.budget: PAPER.md §3.5-§3.6, eqs. (10), (11) and the worked table."""
+"""Tests for widesparse.budget: docs/theory.md §3.5-§3.6, eqs. (10), (11) and the worked table."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from widesparse.budget import (
 
 OMEGA = 2**19
 GAMMA = 2
-# PAPER.md §3.6 worked table (Ω = 2^19, γ = 2), values as printed there.
+# docs/theory.md §3.6 worked table (Ω = 2^19, γ = 2), values as printed there.
 TABLE_S = [4, 8, 16, 32, 64, 128, 256]
 TABLE_C = [360.0, 252.0, 173.2, 113.0, 64.0, 26.5, 7.8]
 TABLE_M = [1440, 2016, 2771, 3616, 4096, 3393, 1988]

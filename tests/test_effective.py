@@ -1,4 +1,4 @@
-"""The executable effective expression: every model equals its explicit wide MLP (PAPER.md (8)-(9))."""
+"""The executable effective expression: every model equals its explicit wide MLP (docs/theory.md (8)-(9))."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of widesparse.linalg: vec/unvec, commutation permutations and the identities (4)-(7), (13) of PAPER.md.
+"""Tests of widesparse.linalg: vec/unvec, commutation permutations and the identities (4)-(7), (13) of docs/theory.md.
 
 Every oracle is built independently of the code under test: vec by explicit index loops, permutation and
 commutation matrices entry by entry, Kronecker products with ``torch.kron``. Everything runs in float64.
@@ -318,7 +318,7 @@ def test_commutation_perm_rejects_nonpositive_sizes():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# PAPER.md identities (4)-(7), biases, (13), phi/J commutation
+# docs/theory.md identities (4)-(7), biases, (13), phi/J commutation
 # --------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("S,C,S2,C2", [(3, 5, 7, 2), (4, 6, 2, 7), (5, 3, 4, 4)])
 def test_identity_4_vec_wxv(S, C, S2, C2):
@@ -369,7 +369,7 @@ def test_identity_7_square_channel(S, C):
 
 @pytest.mark.parametrize("S,C", [(3, 5), (4, 6), (4, 4)])
 def test_identity_7_paper_slip(S, C):
-    """PAPER.md §3.3 known typo: J_c^T (I_S ⊗ V) J_c is V ⊗ I_S, not V^T ⊗ I_S."""
+    """docs/theory.md §3.3 known typo: J_c^T (I_S ⊗ V) J_c is V ⊗ I_S, not V^T ⊗ I_S."""
     V = randn(C, C, seed=19)
     assert not torch.allclose(V, V.T)
     Jc = commutation_loop(S, C)

@@ -33,6 +33,6 @@ def test_readme_opens_with_the_two_commands() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     test_cmd = next(line.split("'")[1] for line in ci.splitlines() if line.startswith("TEST_CMD="))
     first_blocks = text.split("## ")[0]
-    assert "widesparse reproduce --scale tiny" in first_blocks  # the main job (issue 9)
+    assert "widesparse reproduce --scale tiny" in first_blocks  # the main job
     assert test_cmd in first_blocks
     assert first_blocks.index("pip install torch==2.13.0") < first_blocks.index("pip install -e")

@@ -148,7 +148,9 @@ def _caster(type_name: str) -> Any:
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One ``--key value`` option per field of :class:`widesparse.train.engine.TrainConfig` (defaults stay the config's)."""
+    """One ``--key value`` option per field of :class:`widesparse.train.engine.TrainConfig`.
+
+    The defaults stay the config's."""
     import dataclasses
 
     from widesparse.train.engine import TrainConfig

@@ -1,7 +1,7 @@
 """The effective expression, executable: a Mixer-family model as the explicit wide MLP it equals.
 
 On ``x = vec X`` (column-major, width ``m = S*C``) every mixing step of a Mixer is a dense layer of an ordinary
-MLP (PAPER.md (8)-(9)): token mixing ``I_C ⊗ W`` (density 1/C), channel mixing
+MLP (docs/theory.md (8)-(9)): token mixing ``I_C ⊗ W`` (density 1/C), channel mixing
 ``V^T ⊗ I_S = J_c^T (I_S ⊗ V^T) J_c`` (density 1/S), RP-Mixers with their permutations folded in. LayerNorm acts
 in matrix form (unvec -> LN over channels -> vec) and the residual stream is ``vec X`` itself.
 
@@ -45,12 +45,14 @@ class ModelTooLargeError(ValueError):
 
 
 def token_mixing_effective(w: Tensor, C: int) -> Tensor:
-    """Dense ``I_C ⊗ W`` (PAPER.md (5)): token mixing ``vec(W X)`` for ``W`` of shape ``(S', S)``. Oracle only."""
+    """Dense ``I_C ⊗ W`` (docs/theory.md (5)): token mixing ``vec(W X)`` for ``W`` of shape ``(S', S)``. Oracle only."""
     return kron_dense(torch.eye(C, dtype=w.dtype, device=w.device), w)
 
 
 def channel_mixing_effective(v: Tensor, S: int) -> Tensor:
-    """Dense ``V^T ⊗ I_S`` (PAPER.md (6)): channel mixing ``vec(X V)`` for ``V`` of shape ``(C, C')``. Oracle only."""
+    """Dense ``V^T ⊗ I_S`` (docs/theory.md (6)): channel mixing ``vec(X V)`` for ``V`` of shape ``(C, C')``.
+
+    Oracle only."""
     return kron_dense(v.T, torch.eye(S, dtype=v.dtype, device=v.device))
 
 
@@ -233,7 +235,7 @@ class ModelReport:
 
     @property
     def omega(self) -> float:
-        """Average connections per effective mixing layer (PAPER.md (10))."""
+        """Average connections per effective mixing layer (docs/theory.md (10))."""
         return self.connections / len(self.layers) if self.layers else 0.0
 
     @property

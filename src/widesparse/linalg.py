@@ -1,6 +1,6 @@
 """Column-major vectorisation, commutation permutations and Kronecker products applied without building them.
 
-Conventions (PAPER.md §2):
+Conventions (docs/theory.md §2):
 
 * ``vec`` is column-major: ``X[s, c]`` of an ``(S, C)`` matrix goes to position ``s + c * S``.
 * A permutation ``J`` is stored as an index tensor ``pi`` over positions with ``(J x)[i] = x[pi[i]]``,
@@ -136,7 +136,7 @@ def apply_kron_identity(a: Tensor, x: Tensor, k: int) -> Tensor:
 def apply_identity_kron(a: Tensor, x: Tensor, k: int) -> Tensor:
     """``(A ⊗ I_k) x`` for ``A`` of shape ``(p, q)`` and ``x`` of shape ``(..., q*k)``.
 
-    With ``k = S`` and ``A = V^T`` this is channel mixing ``vec(X V) = (V^T ⊗ I_S) vec X`` (PAPER.md (6)).
+    With ``k = S`` and ``A = V^T`` this is channel mixing ``vec(X V) = (V^T ⊗ I_S) vec X`` (docs/theory.md (6)).
     """
     p, q = a.shape
     if x.shape[-1] != q * k:
@@ -148,7 +148,7 @@ def apply_identity_kron(a: Tensor, x: Tensor, k: int) -> Tensor:
 def apply_permuted_kron(
     a: Tensor, x: Tensor, k: int, perm_in: Tensor | None = None, perm_out: Tensor | None = None
 ) -> Tensor:
-    """``J_2 (I_k ⊗ A) J_1 x`` (PAPER.md (14)) by gather, batched matmul, gather."""
+    """``J_2 (I_k ⊗ A) J_1 x`` (docs/theory.md (14)) by gather, batched matmul, gather."""
     return apply_perm(apply_kron_identity(a, apply_perm(x, perm_in), k), perm_out)
 
 

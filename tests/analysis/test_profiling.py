@@ -24,7 +24,7 @@ def test_mixer_b16_matches_the_papers_derived_numbers() -> None:
     r = masked_sw_mlp_memory(196, 768, 384, 3072, 12)
     assert r["width"] == 150_528
     assert r["hidden"] == {"token": 294_912, "channel": 602_112}
-    assert r["layer_weights"]["channel_fc1"] == 602_112 * 150_528 == 90_634_715_136  # ≈ 9.06e10 (PAPER.md E10)
+    assert r["layer_weights"]["channel_fc1"] == 602_112 * 150_528 == 90_634_715_136  # ≈ 9.06e10 (docs/theory.md E10)
     assert r["dense_weights"] == 24 * (602_112 + 294_912) * 150_528 == 3_240_653_488_128  # ≈ 3.24e12
     assert r["sw_mlp_bytes"]["weights"] == 4 * r["dense_weights"]  # ≈ 13 TB fp32
     # the closest natural counting to the paper's 23.2 TB: fp32 weights + fp32 masks, read as TiB (1.6 % above)
@@ -65,7 +65,7 @@ def test_step_flops_equal_the_matmul_count() -> None:
     stem_input_grad = B * 2 * S * K * C  # the images need no gradient
     assert step_flops(m, x, y) == 3 * fwd - stem_input_grad
     rp = create_model("rp_mixer", **TINY, dtype=torch.float64)
-    assert step_flops(rp, x, y) == step_flops(m, x, y)  # RP FLOPs equal the Mixer's (PAPER.md E10)
+    assert step_flops(rp, x, y) == step_flops(m, x, y)  # RP FLOPs equal the Mixer's (docs/theory.md E10)
 
 
 def test_proc_helpers() -> None:

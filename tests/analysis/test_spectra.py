@@ -1,4 +1,5 @@
-"""Top singular values of effective mixing weights (PAPER.md §3.9, E3): exact for the Mixer, Lanczos for the SW-MLP."""
+"""Top singular values of effective mixing weights (docs/theory.md §3.9, E3): exact for the Mixer, Lanczos for
+the SW-MLP."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def test_mixer_top_singular_value_is_the_small_factors(name: str) -> None:
 
 def test_mixer_at_gaussian_init_sits_at_the_marchenko_pastur_edge() -> None:
     # S = 256 tokens, token MLP 256 -> 512 -> 256 (γ = 2): σ_max(W_1) -> 1 + sqrt(2) = 2.414 from below (2.40 at
-    # S = 1024 per PAPER.md §3.9); seeds 0-5 gave 2.38-2.45 (Tracy-Widom spread). Xavier init would give
+    # S = 1024 per docs/theory.md §3.9); seeds 0-5 gave 2.38-2.45 (Tracy-Widom spread). Xavier init would give
     # 2.414 * sqrt(2/3) = 1.97 and nn.Linear's default 1.39, far outside the band.
     torch.manual_seed(0)
     model = create_model("mixer", image_size=32, patch_size=2, in_chans=1, dim=3, depth=2, token_expansion=2,

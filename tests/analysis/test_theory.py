@@ -1,4 +1,4 @@
-"""Inequality (12): weight decay on Kronecker factors bounds an L1 penalty with λ̃ = λ/(CS) (PAPER.md §3.7)."""
+"""Inequality (12): weight decay on Kronecker factors bounds an L1 penalty with λ̃ = λ/(CS) (docs/theory.md §3.7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of widesparse.cka: linear and mini-batch CKA (PAPER.md §4.4), feature taps, compare, run_comparison.
+"""Tests of widesparse.cka: linear and mini-batch CKA (docs/theory.md §4.4), feature taps, compare, run_comparison.
 
 Oracles are written here from the formulas, independently of the code under test: HSIC_1 by explicit loops
 over K~ (Nguyen et al. eq. 3), the feature-space linear CKA of Kornblith et al. (||Y^T X||_F^2 / ...), and
@@ -42,7 +42,7 @@ def _related(n: int, widths: list[int], seed: int, shared: torch.Tensor | None =
 
 # ------------------------------------------------------------------------------------------------ oracles
 def hsic1_loops(k: np.ndarray, l_: np.ndarray) -> float:
-    """Unbiased HSIC_1 of Nguyen et al. (PAPER.md §4.4) by explicit loops over K~, L~ (zero diagonals)."""
+    """Unbiased HSIC_1 of Nguyen et al. (docs/theory.md §4.4) by explicit loops over K~, L~ (zero diagonals)."""
     n = k.shape[0]
     tr = s_k = s_l = kl = 0.0
     for i in range(n):

@@ -11,11 +11,9 @@ import signal
 import numpy as np
 import pytest
 import torch
-from fake_datasets import make_dataset, write_png
 
 import widesparse.train.engine as train_mod
 import widesparse.train.feed as train_data
-from widesparse.train.checkpoint import load_checkpoint
 from widesparse.data.loader import (
     ImageFolderDataset,
     StreamLoader,
@@ -24,7 +22,10 @@ from widesparse.data.loader import (
     random_resized_box,
 )
 from widesparse.data.readers import DataFormatError, ImageFolderIndex, decode_image
+from widesparse.train.checkpoint import load_checkpoint
 from widesparse.train.engine import TIMING_KEYS, TrainConfig, train
+
+from fake_datasets import make_dataset, write_png
 
 pytest.importorskip("PIL.Image", reason="image folders need Pillow")
 from PIL import Image  # noqa: E402

@@ -5,13 +5,14 @@ from __future__ import annotations
 import gzip
 import pickle
 
-import fake_datasets
 import numpy as np
 import pytest
-from fake_datasets import write_cifar, write_idx, write_png, write_svhn
 
 from widesparse.data import readers
 from widesparse.data.readers import DataFormatError
+
+import fake_datasets
+from fake_datasets import write_cifar, write_idx, write_png, write_svhn
 
 RNG = np.random.default_rng(0)
 

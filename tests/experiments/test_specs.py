@@ -96,7 +96,7 @@ def test_fixed_omega_points_match_budget(scale):
 
 
 def test_paper_scale_e2_is_the_worked_table():
-    """PAPER.md §3.6: Ω = 2^19, γ = 2: S = C = 64 is the widest Mixer (γm = 8192); SW-MLP m = 512 ... 4096."""
+    """docs/theory.md §3.6: Ω = 2^19, γ = 2: S = C = 64 is the widest Mixer (γm = 8192); SW-MLP m = 512 ... 4096."""
     pts = expand(["E2"], "paper", data_dir="/nonexistent")
     mixer = {p.meta["S"]: p.meta for p in _points(pts, "E2", series="mixer")}
     assert mixer[64]["C"] == 64 and mixer[64]["gamma_m"] == 8192

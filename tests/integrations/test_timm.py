@@ -46,7 +46,7 @@ def test_every_model_is_registered_once(registered):
 
 def test_mixer_b16_through_timm_has_the_reference_size_and_cfg():
     model = timm.create_model("widesparse_mixer_b16", num_classes=1000, device="meta")
-    assert sum(p.numel() for p in model.parameters()) == 59_880_472  # timm's own mixer_b16_224 (PEERS.md)
+    assert sum(p.numel() for p in model.parameters()) == 59_880_472  # timm's own mixer_b16_224
     cfg = model.pretrained_cfg
     assert (cfg["num_classes"], cfg["input_size"], cfg["first_conv"], cfg["classifier"]) == (
         1000, (3, 224, 224), "stem.proj", "head")

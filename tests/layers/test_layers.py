@@ -1,6 +1,6 @@
 """Tests of widesparse.layers (PermutedKronLinear, StructuredLinear) and models.blocks.MixingMlp.
 
-PAPER.md (5), (6), (14), §3.5, §3.10 and §4.3. Oracles are built from the layers' parameters and permutation
+docs/theory.md (5), (6), (14), §3.5, §3.10 and §4.3. Oracles are built from the layers' parameters and permutation
 buffers only: Kronecker products with ``torch.kron``, permutation matrices entry by entry, vec by explicit loops.
 """
 
@@ -165,7 +165,7 @@ def test_contiguous_without_perms_is_identity_kron_a(q, p, k):
         block = W[i * p : (i + 1) * p, j * q : (j + 1) * q]
         assert torch.equal(block, A if i == j else torch.zeros_like(A))
     assert layer.canonical_perms() == (None, None)
-    # on x = vec X with X of shape (q, k): vec(A X) (PAPER.md (5), token mixing with k = C)
+    # on x = vec X with X of shape (q, k): vec(A X) (docs/theory.md (5), token mixing with k = C)
     X = randn(2, q, k, seed=4)
     torch.testing.assert_close(layer(vec_loop(X)), vec_loop(A @ X + layer.bias.detach()[:, None]), **TOL)
 
@@ -181,10 +181,10 @@ def test_interleaved_is_a_kron_identity_and_its_canonical_form(q, p, k, perms):
     torch.testing.assert_close(W, J2 @ kron(A, eye(k)) @ J1, **TOL)
     if perms == (None, None):
         assert torch.equal(W, kron(A, eye(k)))
-        # on x = vec X with X of shape (k, q): vec(X A^T) (PAPER.md (6), channel mixing with k = S, A = V^T)
+        # on x = vec X with X of shape (k, q): vec(X A^T) (docs/theory.md (6), channel mixing with k = S, A = V^T)
         X = randn(2, k, q, seed=5)
         torch.testing.assert_close(layer(vec_loop(X)), vec_loop(X @ A.T + b), **TOL)
-    # PAPER.md (14): J_2' (I_k ⊗ A) J_1' with the commutations folded into the permutations
+    # docs/theory.md (14): J_2' (I_k ⊗ A) J_1' with the commutations folded into the permutations
     pi1, pi2 = layer.canonical_perms()
     assert pi1 is not None and pi2 is not None  # interleaved blocks always need K_{k,q}, K_{p,k} (p, q > 1)
     P1, P2 = perm_matrix_loop(pi1, k * q), perm_matrix_loop(pi2, k * p)
@@ -247,7 +247,7 @@ def test_connections_and_density(q, p, k, blocks, perms):
     W = layer.effective_weight()
     assert layer.connections == int((W != 0).sum()) == k * p * q
     assert layer.density == pytest.approx(1 / k, rel=1e-15)
-    # PAPER.md §3.5: q non-zeros per row, p per column
+    # docs/theory.md §3.5: q non-zeros per row, p per column
     assert torch.equal((W != 0).sum(1), torch.full((k * p,), q))
     assert torch.equal((W != 0).sum(0), torch.full((k * q,), p))
     assert sum(t.numel() for t in layer.parameters()) == p * q + p
@@ -429,10 +429,10 @@ def test_mixing_mlp_structure(S, C, axis, hidden):
     assert len(plain.layers) == (1 if hidden is None else 2)
     assert (plain.fc1.in_block, plain.fc1.out_block, plain.fc1.k) == (n, h, k)
     assert plain.fc1.blocks == ("contiguous" if axis == "token" else "interleaved")
-    # PAPER.md §3.5: density 1/C for token mixing, 1/S for channel mixing; γ m hidden units
+    # docs/theory.md §3.5: density 1/C for token mixing, 1/S for channel mixing; γ m hidden units
     assert plain.fc1.density == pytest.approx(1 / C if axis == "token" else 1 / S, rel=1e-15)
     assert plain.fc1.out_features == h * k and plain.layers[-1].out_features == S * C
-    # PAPER.md §4.3: J_1 on the input of the first map, J_2 on the output of the last; none in between
+    # docs/theory.md §4.3: J_1 on the input of the first map, J_2 on the output of the last; none in between
     assert all(layer.perm_in is None and layer.perm_out is None for layer in plain.layers)
     assert plain.idx_in is None and plain.idx_out is None
     assert rp.layers[0].perm_in is not None and rp.layers[-1].perm_out is not None

@@ -1,4 +1,4 @@
-"""Monarch layers, the Mixer-Monarch correspondence (PAPER.md (13)) and the E4 models."""
+"""Monarch layers, the Mixer-Monarch correspondence (docs/theory.md (13)) and the E4 models."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_equation_13_kron_is_tied_monarch(S: int, C: int, S_out: int, C_out: int
     tied = TiedMonarchLinear.from_factors(W, V)
     blocks_r, blocks_l = W.expand(C, S_out, S), V.T.expand(S_out, C_out, C)  # all R_c = W, all L_r = V^T
     P, L, Pt, R = monarch_factors_dense(blocks_r, blocks_l)
-    if S_out == S and C_out == C:  # the square case of PAPER.md (13): P = J_c^T
+    if S_out == S and C_out == C:  # the square case of docs/theory.md (13): P = J_c^T
         torch.testing.assert_close(P, commutation_matrix_dense(S, C).T, rtol=0, atol=0)
         torch.testing.assert_close(Pt, commutation_matrix_dense(S, C), rtol=0, atol=0)
     for other in (mixer_form, P @ L @ Pt @ R, monarch_effective(blocks_r, blocks_l), tied.effective_weight()):

@@ -1,4 +1,4 @@
-"""MaskedLinear and SparseLinear (PAPER.md §4.2): one layer, two storages, the same mask from the same seed.
+"""MaskedLinear and SparseLinear (docs/theory.md §4.2): one layer, two storages, the same mask from the same seed.
 
 Oracles: the dense masked product ``x (W ⊙ M)^T + b`` written out with plain tensors, and each layer's
 ``effective_weight()``; float64 throughout for identities.

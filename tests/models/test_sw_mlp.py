@@ -1,4 +1,5 @@
-"""The SW-MLP and dense MLP models (PAPER.md §4.2, eq. (10)): sizes, Mixer matching, backends, the Mixer surface."""
+"""The SW-MLP and dense MLP models (docs/theory.md §4.2, (10)): sizes, Mixer matching, backends, the Mixer
+surface."""
 
 from __future__ import annotations
 

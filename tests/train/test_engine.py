@@ -11,7 +11,6 @@ import types
 
 import pytest
 import torch
-from fake_datasets import make_dataset
 
 import widesparse.train.engine as train_mod
 from widesparse.data.augment import apply_crop_flip, draw_crop_flip, normalize
@@ -28,6 +27,8 @@ from widesparse.train.engine import (
     train,
     warmup_cosine,
 )
+
+from fake_datasets import make_dataset
 
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_err", "lr"} | TIMING_KEYS
 

@@ -1,6 +1,6 @@
-"""CKA figures: the layer-by-layer heatmap and the diagonal-mean summary (PAPER.md §4.4, experiment E1).
+"""CKA figures: the layer-by-layer heatmap and the diagonal-mean summary (docs/theory.md §4.4, experiment E1).
 
-Floor 1: nothing from the package is imported; arrays and layer names come in. matplotlib (the ``plot`` extra)
+Nothing from the package is imported; arrays and layer names come in. matplotlib (the ``plot`` extra)
 is imported inside the functions and only through ``matplotlib.figure.Figure``, so no pyplot state or GUI
 backend is touched. Every function returns the ``Figure`` and saves it when given a path (format by suffix).
 """

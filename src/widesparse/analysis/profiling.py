@@ -1,11 +1,11 @@
-"""Memory, FLOP and time accounting of one training step (PAPER.md E10), measured and analytic.
+"""Memory, FLOP and time accounting of one training step (docs/theory.md E10), measured and analytic.
 
 * :func:`measure_step`: parameters, connections, FLOPs (``torch.utils.flop_counter``), median step time and
   peak memory of ``forward + backward + AdamW`` for any registered model. On the CPU the peak is the peak
   resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident set before building,
   measured in a fresh child process (``isolate=True``) so that nothing else of the caller counts; on a GPU it
   is ``torch.cuda.max_memory_allocated``.
-* :func:`masked_sw_mlp_memory`: bytes of the dense-masked SW-MLP matched to a Mixer (PAPER.md §3, (10)) and of
+* :func:`masked_sw_mlp_memory`: bytes of the dense-masked SW-MLP matched to a Mixer (docs/theory.md §3, (10)) and of
   the Mixer itself, under several countings, beside the paper's 23.2 TB vs 26.3 MB (E10).
 
 The ``/proc`` helpers (:func:`status_bytes`, :func:`reset_peak_rss`, :func:`trim_heap`) are Linux-only and
@@ -41,7 +41,7 @@ __all__ = [
     "PAPER_E10",
 ]
 
-PAPER_E10 = {"sw_mlp_bytes": 23.2e12, "mixer_bytes": 26.3e6}  # PAPER.md E10, as printed ("23.2 TB", "26.3 MB")
+PAPER_E10 = {"sw_mlp_bytes": 23.2e12, "mixer_bytes": 26.3e6}  # docs/theory.md E10, as printed ("23.2 TB", "26.3 MB")
 _PRECISIONS = ("fp32", "bf16")
 
 
@@ -193,7 +193,7 @@ def measure_step(
     device: str = "cpu",
     isolate: bool = True,
 ) -> dict[str, Any]:
-    """Measure ``steps`` training steps (forward + backward + AdamW) of a registered model (PAPER.md E10).
+    """Measure ``steps`` training steps (forward + backward + AdamW) of a registered model (docs/theory.md E10).
 
     Returns ``params``, ``connections`` (structured connections; ``dense_connections`` for stem and head),
     ``flops_per_step`` (forward + backward, FlopCounterMode), ``step_seconds`` (median), ``peak_bytes`` (the
@@ -230,7 +230,7 @@ def masked_sw_mlp_memory(
 ) -> dict[str, Any]:
     """Bytes of the dense-masked SW-MLP matched to a Mixer (S tokens, C channels, D_S, D_C, depth) and of the Mixer.
 
-    The matched SW-MLP (PAPER.md §3, (5)-(6), (10)) has width ``m = S*C`` and, per block, the effective layers
+    The matched SW-MLP (docs/theory.md §3, (5)-(6), (10)) has width ``m = S*C`` and, per block, the effective layers
     ``m -> C*D_S -> m`` (token position) and ``m -> S*D_C -> m`` (channel position), stored dense with a mask.
     Countings (``dtype_bytes`` per value, bool masks 1 byte): ``weights``; ``weights_bool_mask``;
     ``weights_float_mask`` (mask in the weight dtype); ``training`` (weight, gradient, two AdamW moments, bool

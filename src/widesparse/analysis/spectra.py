@@ -1,13 +1,13 @@
-"""Largest singular values of the effective mixing weights, against the Marchenko-Pastur edge (PAPER.md §3.9, E3).
+"""Largest singular values of the effective mixing weights, against the Marchenko-Pastur edge (docs/theory.md §3.9, E3).
 
-For a Mixer the effective weights are ``J_2 (I_k ⊗ A) J_1`` (PAPER.md (14)); permutations and identical diagonal
+For a Mixer the effective weights are ``J_2 (I_k ⊗ A) J_1`` (docs/theory.md (14)); permutations and identical diagonal
 blocks keep singular values, so ``σ_max`` is exactly ``svdvals(A)[0]`` of the small factor. An SW-MLP layer has no
 such structure: its ``σ_max`` comes from Golub-Kahan-Lanczos bidiagonalization (or plain power iteration) on the
 sparse operator, never a dense matrix. With i.i.d. entries of variance ``1/in`` an ``(out, in)`` matrix has
 ``σ_max -> 1 + sqrt(out/in)`` (Marchenko-Pastur), i.e. ``1 + sqrt(γ)`` for an expanding ``γm x m`` layer; the
-Mixer stays there at any width, while an SW-MLP at fixed Ω grows with width (PAPER.md §3.9).
+Mixer stays there at any width, while an SW-MLP at fixed Ω grows with width (docs/theory.md §3.9).
 
-Floor 3: uses layers only (``effective_weight``, ``connections``, and the sparse layer's CSR operators).
+Uses layers only (``effective_weight``, ``connections``, and the sparse layer's CSR operators).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Implicit L1 regularisation of weight decay on Kronecker factors, executable (PAPER.md (12), §3.7).
+"""Implicit L1 regularisation of weight decay on Kronecker factors, executable (docs/theory.md (12), §3.7).
 
 For ``B = V^T ⊗ W`` (``W`` ``(S', S)``, ``V`` ``(C, C')``) and any loss ``L``:
 

@@ -1,6 +1,6 @@
 """Linear CKA, full-batch and mini-batch (Kornblith et al. 2019; Nguyen, Raghu & Kornblith, ICLR 2021).
 
-PAPER.md §4.4. For a minibatch of ``n`` examples with features ``X`` (flattened per example) the linear Gram
+docs/theory.md §4.4. For a minibatch of ``n`` examples with features ``X`` (flattened per example) the linear Gram
 ``K = X X^T`` is U-centred (``K^U``: zero diagonal, then the row/column means of the unbiased estimator
 removed), and ``HSIC_1(K, L) = <K^U, L^U> / (n (n - 3))``. Mini-batch CKA sums the cross term and both self
 terms over all minibatches and divides once::

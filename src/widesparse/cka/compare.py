@@ -35,7 +35,7 @@ class CKAResult:
 
 
 def diagonal_mean(matrix: np.ndarray | Tensor) -> float:
-    """Mean of ``M[i, i]`` for ``i < min(La, Lb)``: the paper's one-number summary (PAPER.md §4.4)."""
+    """Mean of ``M[i, i]`` for ``i < min(La, Lb)``: the paper's one-number summary (docs/theory.md §4.4)."""
     m = np.asarray(matrix.detach().cpu() if isinstance(matrix, Tensor) else matrix, dtype=np.float64)
     if m.ndim != 2 or m.size == 0:
         raise ValueError(f"diagonal_mean: need a non-empty 2-d matrix, got shape {m.shape}")

@@ -1,4 +1,4 @@
-"""Gram matrices, U-centring and full-batch linear CKA (PAPER.md §4.4)."""
+"""Gram matrices, U-centring and full-batch linear CKA (docs/theory.md §4.4)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from widesparse.ops.matmul import linear_last, use_onednn  # floor 0: imports nothing of the package
+from widesparse.ops.matmul import linear_last, use_onednn  # imports nothing of the package
 
 F64 = torch.float64
 
@@ -83,15 +83,15 @@ def _sym_gram(s: Tensor, blocks: int) -> Tensor:
 
 
 def _bmm_nt(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b^T`` per stack entry; float32 on the CPU through oneDNN (:mod:`widesparse.ops.matmul`: 1.8x the
-    batched MKL product on AMD CPUs), else one ``bmm``."""
+    """``a @ b^T`` per stack entry; float32 on the CPU through oneDNN (:mod:`widesparse.ops.matmul`: faster
+    than the batched MKL product on AMD CPUs, see docs/speed.md), else one ``bmm``."""
     if use_onednn(a[0], b.shape[1]) and b.dtype == a.dtype:
         return torch.stack([linear_last(x, y) for x, y in zip(a, b, strict=True)])
     return torch.bmm(a, b.mT)
 
 
 def u_center(gram: Tensor, inplace: bool = False) -> Tensor:
-    """U-centred Gram matrices ``(..., n, n)`` in float64 (PAPER.md §4.4; a copy unless ``inplace`` and the input
+    """U-centred Gram matrices ``(..., n, n)`` in float64 (docs/theory.md §4.4; a copy unless ``inplace`` and the input
     is float64 already); needs ``n >= 4``. Row sums and the rank-2 correction are batched BLAS products."""
     n = gram.shape[-1]
     k = (
@@ -113,7 +113,7 @@ def linear_cka(x: Tensor, y: Tensor, debiased: bool = False) -> float:
     """Full-batch linear CKA of ``(n, ...)`` features (Kornblith et al. 2019), in float64.
 
     ``debiased=False``: ``<HKH, HLH> / (||HKH|| ||HLH||)``; ``debiased=True``: the same with U-centred Grams,
-    i.e. unbiased HSIC_1 in every term (PAPER.md §4.4).
+    i.e. unbiased HSIC_1 in every term (docs/theory.md §4.4).
     """
     a, b = _flat(x, "x").to(F64), _flat(y, "y").to(F64)
     n = a.shape[0]

@@ -1,4 +1,4 @@
-"""The mini-batch CKA accumulator (PAPER.md §4.4): all layer pairs of a minibatch from one product."""
+"""The mini-batch CKA accumulator (docs/theory.md §4.4): all layer pairs of a minibatch from one product."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from widesparse.cka.gram import F64, _flat, gram_matrices, u_center
 
 
 class MinibatchCKA:
-    """Mini-batch CKA of all layer pairs of two networks (or one network with itself), PAPER.md §4.4.
+    """Mini-batch CKA of all layer pairs of two networks (or one network with itself), docs/theory.md §4.4.
 
     Args:
         num_layers_a: layers of model A. num_layers_b: layers of model B; ``None`` compares A with itself

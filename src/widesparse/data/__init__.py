@@ -14,9 +14,9 @@ from widesparse.data.datasets import (
     image_folder_splits,
     iterate_batches,
     list_datasets,
-    missing_files,
     load_dataset,
     load_pixels,
+    missing_files,
 )
 
 __all__ = [

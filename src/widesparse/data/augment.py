@@ -1,6 +1,6 @@
 """Batched, seeded image augmentation and normalisation as tensor ops, on whatever device the batch lives.
 
-Floor 1 (a leaf: imports nothing from ``widesparse``). Images stay ``uint8`` ``(N, C, H, W)`` in memory (4x
+Imports nothing from ``widesparse``. Images stay ``uint8`` ``(N, C, H, W)`` in memory (4x
 less than float32); a batch is cropped and flipped as ``uint8`` and normalised to float in one fused op.
 
 Randomness is drawn up front for a whole epoch (:func:`draw_crop_flip`: one offset pair and one flip bit per

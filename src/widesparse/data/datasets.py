@@ -1,7 +1,7 @@
 """Image classification data sets by name, as in-memory tensors, with one table of per-data-set defaults.
 
-Floor 1: imports only its two leaf modules :mod:`widesparse.data.readers` (file formats) and
-:mod:`widesparse.data.augment` (normalisation); it knows no model. A model is sized from a :class:`DatasetInfo`
+Imports only :mod:`widesparse.data.readers` (file formats) and :mod:`widesparse.data.augment`
+(normalisation); it knows no model. A model is sized from a :class:`DatasetInfo`
 (image size, channels, classes, default patch size) by its caller.
 
 Data sets: ``digits`` (scikit-learn's embedded 8x8 digits; the default, no files), and from disk in their
@@ -146,7 +146,7 @@ DATASETS: Mapping[str, DatasetInfo] = MappingProxyType(
             ),
             DatasetInfo(
                 "stl10", 96, 3, 10, mean=(0.4467, 0.4398, 0.4066), std=(0.2603, 0.2566, 0.2713),
-                # Patch 12 gives S = 64 tokens, as patch 4 on CIFAR; pad 12 as PAPER.md 6.2.
+                # Patch 12 gives S = 64 tokens, as patch 4 on CIFAR; pad 12 as docs/theory.md §6.2.
                 default_patch_size=12, crop_padding=12, hflip=True,
                 description="STL-10 labelled split: 5k/8k colour 96x96 images, 10 classes (binary files)",
                 files=tuple(f"stl10_binary/{s}_{k}.bin" for s in ("train", "test") for k in ("X", "y")),

@@ -1,6 +1,6 @@
 """Streaming image folders: lazy Pillow decoding in DataLoader worker processes, seeded per example.
 
-Floor 1: imports only :mod:`widesparse.data.readers`; no torchvision. For data sets too large to hold decoded in
+Imports only :mod:`widesparse.data.readers`; no torchvision. For data sets too large to hold decoded in
 memory (ImageNet-1k: 1.28M images); the small data sets stay in memory (:mod:`widesparse.data.datasets`).
 
 Every example is addressed by a key ``(split, index, seed)``: ``seed=None`` is the evaluation transform

@@ -1,6 +1,6 @@
 """Readers of the standard on-disk formats of image data sets, without torchvision.
 
-Floor 1 (a leaf: imports nothing from ``widesparse``). Every reader returns images as ``uint8`` arrays of
+Imports nothing from ``widesparse``. Every reader returns images as ``uint8`` arrays of
 shape ``(N, C, H, W)`` and labels as ``int64`` arrays; :mod:`widesparse.data.datasets` maps data-set names to them.
 
 Formats, as the data sets are distributed:

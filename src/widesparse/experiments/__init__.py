@@ -1,6 +1,6 @@
-"""``widesparse reproduce``: the paper's experiments E1-E10 (PAPER.md §5) as resumable sweeps with a report.
+"""``widesparse reproduce``: the paper's experiments E1-E10 (docs/theory.md §5) as resumable sweeps with a report.
 
-Floor 5: :mod:`specs` (runs, points, experiments), :mod:`scales` (every setting, one place), :mod:`catalog`
+Modules: :mod:`specs` (runs, points, experiments), :mod:`scales` (every setting, one place), :mod:`catalog`
 (E1-E10), :mod:`tasks` (execute one run), :mod:`runner` (local / Ray), :mod:`table`, :mod:`findings`
 (the paper's numbers and our verdicts), :mod:`figures`, :mod:`report`.
 """

@@ -1,6 +1,6 @@
 """The figures of E1-E10 in the paper's form (matplotlib, PNG and SVG), drawn from the results table.
 
-Floor 5. ``draw(exp_id, rows, out_dir)`` writes ``<exp>.png`` and ``<exp>.svg`` (and E1's heatmaps) and returns
+``draw(exp_id, rows, out_dir)`` writes ``<exp>.png`` and ``<exp>.svg`` (and E1's heatmaps) and returns
 the PNG paths; an experiment with nothing finished draws nothing. Error bars are one standard deviation over seeds.
 """
 

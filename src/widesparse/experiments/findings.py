@@ -1,6 +1,6 @@
 """Our verdict on each of the paper's findings, computed from the results table (never typed in).
 
-Floor 5. ``judge(exp_id, rows)`` returns a :class:`Verdict`: ``agrees``, ``partly``, ``disagrees``, ``inconclusive``
+``judge(exp_id, rows)`` returns a :class:`Verdict`: ``agrees``, ``partly``, ``disagrees``, ``inconclusive``
 (the effect is within seed noise, or the scale cannot show it) or ``incomplete`` (runs missing), with the numbers
 it was decided on. Differences count only when larger than the seeds' standard deviation (or 0.5 points of
 error with a single seed); that rule is deliberately simple and stated in the report.

@@ -1,6 +1,6 @@
 """``report.md`` and a standalone ``report.html``: per experiment the paper's finding beside ours, and a verdict.
 
-Floor 5. :func:`build_report` reads only the output folder (plan + run results), so ``widesparse report OUT``
+:func:`build_report` reads only the output folder (plan + run results), so ``widesparse report OUT``
 rebuilds tables, figures and report at any time. The HTML embeds its figures (base64 PNG): one file to send.
 """
 
@@ -38,7 +38,7 @@ _COLS = {
 
 
 def table1_configs() -> list[dict[str, Any]]:
-    """Table 1's configurations with their connection counts (PAPER.md E9); the SS models are our reconstruction
+    """Table 1's configurations with their connection counts (docs/theory.md E9); the SS models are our reconstruction
     from the ``paper`` scale's E9 settings (Ω, γ, depth, token counts on 32x32 images)."""
     from widesparse.experiments.scales import SCALES
 

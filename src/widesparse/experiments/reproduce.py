@@ -1,6 +1,6 @@
 """``reproduce()``: expand, check data, run the unfinished runs, build tables, figures and the report.
 
-Floor 5; what ``widesparse reproduce`` calls.
+What ``widesparse reproduce`` calls.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Expand experiments into runs and execute the unfinished ones: locally (in-process or N workers) or on Ray.
 
-Floor 5. ``OUT/plan.json`` lists every point of the sweep; ``OUT/runs/<id>/result.json`` marks a finished run.
+``OUT/plan.json`` lists every point of the sweep; ``OUT/runs/<id>/result.json`` marks a finished run.
 A rerun skips finished runs and resumes interrupted training runs from their checkpoints, so an interrupted
 sweep loses at most the unfinished epochs of the runs in flight and repeats nothing.
 """

@@ -1,7 +1,7 @@
-"""Every setting of every experiment at every scale, in one place (PAPER.md §5 and §6.2).
+"""Every setting of every experiment at every scale, in one place (docs/theory.md §5 and §6.2).
 
-Floor 5. ``SCALES[name]`` holds the training recipe, the seeds and one dict of settings per experiment. Where the
-paper is silent the value is our choice and the reason is written beside it; ``paper`` follows PAPER.md §6.2's
+``SCALES[name]`` holds the training recipe, the seeds and one dict of settings per experiment. Where the
+paper is silent the value is our choice and the reason is written beside it; ``paper`` follows docs/theory.md §6.2's
 recommended recipe (NOT the paper's, which is unknown). ``tiny`` is a reduced form of every experiment on the
 embedded digits data set (8x8 images: token counts 1..64) that runs in about 5-15 minutes on 2 CPU cores;
 ``small`` runs on MNIST/Fashion-MNIST (28x28) or CIFAR from ``--data-dir``.
@@ -55,7 +55,7 @@ _SMALL_RECIPE = {"epochs": 20, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.
 _PAPER_RECIPE = {"epochs": 200, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 5,
                  "augment": True, "label_smoothing": 0.0}
 _MNIST_RECIPE = {"epochs": 20, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 0,
-                 "augment": False}  # PAPER.md §6.2, MNIST column (E4)
+                 "augment": False}  # docs/theory.md §6.2, MNIST column (E4)
 
 # E2's models, also E3's trained models (same settings, so the same runs)
 _TINY_E2 = {"omega": 2**13, "gamma": 2, "depth": 4, "tokens": [4, 8, 16, 32, 64],
@@ -112,7 +112,7 @@ SCALES: dict[str, Scale] = {
     ),
     "paper": Scale(
         "paper",
-        "the paper's sizes, data sets and seeds (3; 4 for CKA/width) on GPUs, recipe of PAPER.md §6.2",
+        "the paper's sizes, data sets and seeds (3; 4 for CKA/width) on GPUs, recipe of docs/theory.md §6.2",
         "cifar10", _PAPER_RECIPE, 3,
         {
             "E1": {"sizes": [64, 32], "densities": [1, 1 / 4, 1 / 16, 1 / 32, 1 / 64, 1 / 128, 1 / 256],
@@ -130,7 +130,7 @@ SCALES: dict[str, Scale] = {
             "E7": {"omega": 2**21, "gamma": 2, "depth": 8, "tokens": [4, 8, 16, 32, 64, 128, 256],
                    "min_channels": 2, "datasets": ["cifar10", "cifar100", "stl10"]},
             "E8": {"side": 128, "gamma": 2, "depths": [4, 8, 12, 16, 20], "datasets": ["cifar10", "cifar100", "stl10"]},
-            # Mixer-SS/8 and -W: our reconstruction (PAPER.md E9 leaves C, depth and γ unknown); see catalog.E9.
+            # Mixer-SS/8 and -W: our reconstruction (docs/theory.md E9 leaves C, depth and γ unknown); see catalog.E9.
             "E9": {"omega": 2**23, "gamma": 4, "depth": 8, "narrow_tokens": 16, "wide_tokens": 64,
                    "datasets": ["cifar10", "cifar100"]},
             "E10": {"sides": [16, 32, 64], "gamma": 2, "depth": 8, "batch_size": 128, "steps": 3},

@@ -1,6 +1,6 @@
 """The results table of a sweep: one row per point (CSV and JSON lines), and mean ± std over seeds.
 
-Floor 5. Built from ``OUT/plan.json`` and the runs' ``result.json`` files only, so ``widesparse report OUT`` can
+Built from ``OUT/plan.json`` and the runs' ``result.json`` files only, so ``widesparse report OUT`` can
 rebuild it at any time (also while a sweep is still running: unfinished runs are rows with ``status="todo"``).
 """
 

@@ -1,6 +1,6 @@
 """Execute one :class:`~widesparse.experiments.specs.Run` in its folder and write ``result.json`` atomically.
 
-Floor 5: uses the engine (:func:`widesparse.train.engine.train`), CKA, spectra and profiling. A run folder is
+Uses the engine (:func:`widesparse.train.engine.train`), CKA, spectra and profiling. A run folder is
 ``OUT/runs/<run id>``; ``result.json`` appears only when the run finished, so its presence is what "done" means. A
 training run interrupted mid-way resumes from its ``checkpoint.pt`` (exactly: the engine's resume).
 """

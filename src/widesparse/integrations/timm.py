@@ -1,7 +1,7 @@
 """Optional timm integration: every widesparse model in timm's registry as ``widesparse_<name>``.
 
-Floor 5: imports the model registry and :mod:`widesparse.data.datasets` (normalisation statistics); timm itself only when
-:func:`register_timm_models` runs. After it, ``timm.create_model('widesparse_mixer_b16', num_classes=1000)``
+Imports the model registry and :mod:`widesparse.data.datasets` (normalisation statistics); timm itself only
+when :func:`register_timm_models` runs. After it, ``timm.create_model('widesparse_mixer_b16', num_classes=1000)``
 builds our Mixer-B/16, and timm's own ``train.py`` (in the timm GitHub repository, not in the wheel) trains
 any widesparse model. Either run it through this module::
 

@@ -3,7 +3,7 @@
 Modelled on HazyResearch/fly's ``StructuredLinear``: each layer computes with its own fast structure and
 returns ``effective_weight()``, the dense ``(out_features, in_features)`` matrix it equals, as the oracle for
 tests and for analysis (``widesparse.effective``, spectra). ``connections`` counts the structural non-zeros of
-that matrix (the paper's connections, PAPER.md §3.5-3.6).
+that matrix (the paper's connections, docs/theory.md §3.5-3.6).
 """
 
 from __future__ import annotations

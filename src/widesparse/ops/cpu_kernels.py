@@ -1,21 +1,22 @@
 """Optional compiled CPU kernels for the Mixer family's elementwise work and the RP-Mixer's permutations.
 
-All measured on the 2-core AMD EPYC of ``benchmarks/`` (2 threads, the issue-13 workload).
+Each kernel replaces an ATen kernel that was measurably slower on the benchmark workload
+(``benchmarks/bench_mixer.py``); the figures, and what was tried and dropped, are in docs/speed.md.
 
 * :class:`GELU`: in bfloat16 an activation takes one of only 65,536 values, so the derivative of the exact (erf)
   GELU at every one of them fits a 256 KiB float32 table, built once per process by PyTorch's own
   ``gelu_backward``. The backward on bfloat16 CPU tensors is ``bf16(float(grad) * table[bits(z)])``: the same
   float32 product, rounded the same way, as ATen's kernel, which evaluates ``erf`` and ``exp`` per element
-  (tests compare every bit pattern): 0.50 ms against 0.84 ms on 4.2 M elements; the Mixer bf16 step 1.047x.
-* :class:`LayerNorm`: bfloat16 rows with float32 weight and bias (AVX-512 rows where built): forward 0.15 ms
-  against ATen's 0.28 ms and backward 0.17 against 0.33 ms on 8192 rows of 128; the weight and bias gradients
-  are float32 sums (ATen 2.13 sums them in bfloat16 for a bfloat16 input: 17% off at 8192 rows).
-* :func:`take_columns` / :func:`permute_columns`: ``x[..., perm]`` four rows per index load (0.11 ms against
-  ``torch.gather``'s 0.18 ms on a ``(128, 8192)`` bf16 matrix), :func:`permute_columns` as one C++ autograd
-  function (no Python per call: the tiny sweeps' RP-Mixer steps were mostly that). The RP-Mixer's ``J_1`` and
-  ``J_2`` (:func:`widesparse.linalg.permute_last`) use it: RP/Mixer bf16 step 0.873x -> 0.927x.
+  (tests compare every bit pattern), at a fraction of its cost.
+* :class:`LayerNorm`: bfloat16 rows with float32 weight and bias (AVX-512 rows where built), forward and
+  backward faster than ATen's; the weight and bias gradients are float32 sums (ATen 2.13 sums them in bfloat16
+  for a bfloat16 input, which drifts far from a float64 reference over many rows).
+* :func:`take_columns` / :func:`permute_columns`: ``x[..., perm]`` four rows per index load (faster than
+  ``torch.gather`` in bf16), :func:`permute_columns` as one C++ autograd function (no Python per call: the tiny
+  sweeps' RP-Mixer steps were mostly that). The RP-Mixer's ``J_1`` and ``J_2``
+  (:func:`widesparse.linalg.permute_last`) use it.
 * :func:`permuted_layer_norm` (LayerNorm and ``J_1`` in one pass, bf16) and :func:`permute_add` (``J_2`` and
-  the residual add): about +1.5% and +0.9% on the RP-Mixer step.
+  the residual add): one pass over memory instead of two.
 
 The kernels are C++ (``cpu_kernels.cpp``) compiled on first use with :func:`torch.utils.cpp_extension.load_inline`
 (a C++ compiler and ninja; about 20 s once, then cached by PyTorch under ``TORCH_EXTENSIONS_DIR``) for AVX-512 or
@@ -23,7 +24,7 @@ AVX2 (OpenMP threads, as ATen's own kernels). Where that fails, on other CPUs, o
 ``torch.compile`` (Inductor writes its own kernels), or with ``WIDESPARSE_CPU_KERNELS=0``, everything runs
 ATen's kernels: the same values (LayerNorm: within one bf16 rounding), the speed of before.
 
-This module imports nothing of the package (floor 0).
+This module imports nothing of the package.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ def enabled() -> bool:
 
 
 # compiled for the vector ISA PyTorch itself dispatches to (one build per ISA, so a shared cache never hands one
-# machine another's code); measured with 2 threads on 4.2 M elements: 0.45 ms (x86-64-v4), 0.55 ms (v3), 0.95 ms
-# (baseline x86-64, slower than ATen's 0.84 ms, so not used)
+# machine another's code); a baseline x86-64 build was slower than ATen's kernel, so it is not used
+# (docs/speed.md)
 _ARCH_FLAGS = {"AVX512": "-march=x86-64-v4", "AVX2": "-march=x86-64-v3"}
 
 

@@ -11,10 +11,10 @@ def keep_freed_memory(mmap_below: int = 32 << 20, trim_above: int = 1 << 30) -> 
     """Let glibc reuse freed memory instead of handing it back to the OS (process-wide; ``False`` if not glibc).
 
     Blocks under ``mmap_below`` bytes come from the heap (``M_MMAP_THRESHOLD``) and the heap is not trimmed until
-    ``trim_above`` bytes are free at its top (``M_TRIM_THRESHOLD``). Writing into fresh pages ran at 6 GB/s here
-    against 28 GB/s into reused ones, and by default a CPU training step of the issue-13 workload faulted 5,000 to
-    20,000 fresh pages; with this it faulted about 600 (steps 3-14% faster in three paired runs). Freed memory
-    stays with the process, up to ``trim_above`` bytes above what it uses.
+    ``trim_above`` bytes are free at its top (``M_TRIM_THRESHOLD``). Writing into freshly mapped pages is
+    several times slower than into reused ones, and by default glibc unmaps and re-faults thousands of pages per
+    CPU training step; with this the pages are reused (figures in docs/speed.md). Freed memory stays with the
+    process, up to ``trim_above`` bytes above what it uses.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

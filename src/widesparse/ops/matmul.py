@@ -1,15 +1,15 @@
-"""Which kernel runs a dense product (the float32 CPU route through oneDNN), and the CPU heap's reuse of memory.
+"""Which kernel runs a dense product (the float32 CPU route through oneDNN); the heap setting is in :mod:`.heap`.
 
 PyTorch sends a float32 ``F.linear``/``mm`` on the CPU to its BLAS (MKL in the official wheels), which on AMD
-processors runs a path without AVX-512: on the 2-core AMD EPYC of our benchmarks it reached 211 GFLOP/s on a
-2048^3 product where oneDNN, PyTorch's other CPU backend, reached 469 GFLOP/s at IEEE float32 accuracy. A
-1x1 convolution is the same product and always runs on oneDNN, forward and backward, so on the CPU in float32
-these functions compute the linear maps of the Mixer family as 1x1 convolutions (channel-last views, no
-copies), when the product is large enough and at least two threads run (see :func:`use_onednn`). Elsewhere
-(CUDA, bf16 autocast, whose CPU matmuls already use oneDNN, float64, small products, one thread, or no oneDNN)
-they are plain ``F.linear``/``addmm``. Values are the same up to float32 summation order.
+processors runs a path without AVX-512, so oneDNN, PyTorch's other CPU backend, computes the same product
+much faster at IEEE float32 accuracy (figures in docs/speed.md). A 1x1 convolution is the same product and
+always runs on oneDNN, forward and backward, so on the CPU in float32 these functions compute the linear maps
+of the Mixer family as 1x1 convolutions (channel-last views, no copies), when the product is large enough
+and at least two threads run (see :func:`use_onednn`). Elsewhere (CUDA, bf16 autocast, whose CPU matmuls
+already use oneDNN, float64, small products, one thread, or no oneDNN) they are plain ``F.linear``/``addmm``.
+Values are the same up to float32 summation order.
 
-This module imports nothing of the package (below floor 1): any module may use it, ``cka`` included.
+This module imports nothing of the package: any module may use it, ``cka`` included.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["linear_last", "linear_first", "use_onednn", "onednn_available", "cpu_low_precision", "autocast_dtype",
-           "autocast_input", "gemm_peaks"]
+__all__ = ["linear_last", "linear_first", "use_onednn", "onednn_route", "onednn_available", "cpu_low_precision",
+           "autocast_dtype", "autocast_input", "gemm_peaks"]
 
 # once (torch.compile must not trace the check); x86 only: measured there, while on ARM oneDNN may run through
 # other backends than the BLAS it would replace
@@ -34,10 +34,8 @@ def onednn_available() -> bool:
     return _ONEDNN
 
 
-# Where the route pays (2 threads, forward + backward): 2.2x at 8192 x 128 x 512, 2.1x at 8192 x 64 x 256,
-# 1.4x at 4096 x 32 x 128, but 0.8x at 2048 x 32 x 64 and 0.6x at 256 x 8 x 16 (oneDNN's fixed cost); with one
-# thread both libraries ran at the same 106 GFLOP/s. So: products of at least MIN_MACS multiply-adds, MIN_THREADS
-# threads.
+# The route pays only on large products (below about MIN_MACS multiply-adds oneDNN's fixed cost loses) and with
+# at least MIN_THREADS threads (with one thread both libraries run alike); the measurements are in docs/speed.md.
 MIN_MACS = 1 << 23
 MIN_THREADS = 2
 
@@ -51,15 +49,20 @@ def _num_threads() -> int:
 def use_onednn(x: Tensor, out_features: int | None = None) -> bool:
     """Whether ``x`` (times a weight with ``out_features`` rows) takes the oneDNN route: a contiguous float32 CPU
     tensor outside autocast, a product of at least :data:`MIN_MACS` multiply-adds, :data:`MIN_THREADS` threads."""
+    return x.is_contiguous() and onednn_route(x.device.type, x.dtype, x.numel(), out_features)
+
+
+def onednn_route(device_type: str, dtype: torch.dtype, numel: int, out_features: int | None = None) -> bool:
+    """:func:`use_onednn` for a contiguous tensor of ``numel`` elements of ``dtype`` on ``device_type`` (the
+    router of :mod:`widesparse.ops.route` asks before the tensor exists)."""
     return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
+        device_type == "cpu"
+        and dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
         and _ONEDNN
         and torch.backends.mkldnn.enabled
-        and x.is_contiguous()
-        and x.numel() > 0
-        and x.numel() * (1 if out_features is None else out_features) >= MIN_MACS
+        and numel > 0
+        and numel * (1 if out_features is None else out_features) >= MIN_MACS
         and _num_threads() >= MIN_THREADS
     )
 

@@ -1,6 +1,6 @@
 """Crash-safe files for the training engine: atomic writes, checkpoints, RNG state capture.
 
-Floor 4 (beside :mod:`widesparse.train.engine`, which it serves); imports nothing from ``widesparse``.
+Serves :mod:`widesparse.train.engine`; imports nothing from ``widesparse``.
 
 Atomic write: the bytes go to a temporary file in the target's folder, are flushed and ``fsync``-ed, and the
 temporary file is renamed over the target with ``os.replace`` (atomic on POSIX and Windows); the folder is

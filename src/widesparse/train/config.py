@@ -1,8 +1,8 @@
 """The run configuration of the training engine: one dataclass, settable from code, the CLI and files.
 
-Floor 4 (beside :mod:`widesparse.train.engine`); imports only the crop names of :mod:`widesparse.data.loader`. Every field
-is a CLI option ``--field-name value`` (the CLI builds them from :func:`dataclasses.fields`); ``--config FILE``
-reads a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file of fields (or a run folder's ``config.json``).
+Imports only the crop names of :mod:`widesparse.data.loader`. Every field is a CLI option ``--field-name value``
+(the CLI builds them from :func:`dataclasses.fields`); ``--config FILE`` reads a ``.toml``, ``.yaml``/``.yml``
+or ``.json`` file of fields (or a run folder's ``config.json``).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ class TrainConfig:
     resize ``imagefolder`` images (others keep their size). ``tensorboard``: ``None`` logs there when
     installed. ``resume``: a run folder to continue; its saved config wins except for
     ``RESUME_OVERRIDABLE`` fields. ``batch_size`` is the global batch: under ``torchrun`` each of the N
-    processes takes ``batch_size / N`` of it. ``compile``: wrap the model in ``torch.compile`` (on a 2-core
-    AMD EPYC, issue-13 Mixer workload: bf16 about as fast as eager, float32 1.46x slower than the eager
-    oneDNN route, 358 vs 245 ms per step; measure before compiling on a CPU).
+    processes takes ``batch_size / N`` of it. ``compile``: wrap the model in ``torch.compile`` (off by default: on
+    the CPU compiled float32 steps are slower than the eager oneDNN route and bf16 gains nothing, see
+    docs/speed.md; measure before compiling on a CPU).
 
     Streaming (``imagefolder`` only): ``stream=None`` streams a folder whose decoded images would exceed
     ``widesparse.train.feed.STREAM_ABOVE_BYTES`` (4 GiB), ``True`` always, ``False`` never (decode it all into

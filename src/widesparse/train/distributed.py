@@ -1,6 +1,6 @@
 """Data parallelism for the training engine on ``torch.distributed``: one process per device, under ``torchrun``.
 
-Floor 4 (beside :mod:`widesparse.train.engine`); imports nothing from ``widesparse``.
+Imports nothing from ``widesparse``.
 
 ``torchrun --nproc-per-node N -m widesparse train ...`` (or ``--nnodes``/``--rdzv-*`` for several machines)
 sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address; :func:`setup` reads them, joins the

@@ -1,9 +1,10 @@
 """The training engine: one data set on the device, one model from the registry, one run folder.
 
-Floor 4: imports :mod:`widesparse.data.datasets`, :mod:`widesparse.data.augment`, the model registry, and its helpers
-:mod:`widesparse.train.config` (``TrainConfig``), :mod:`widesparse.train.feed` (where batches come from),
-:mod:`widesparse.train.recipe` (optimizer groups, schedule, evaluation), :mod:`widesparse.train.checkpoint`,
-:mod:`widesparse.train.metrics` and :mod:`widesparse.train.distributed`.
+Imports :mod:`widesparse.data.datasets`, :mod:`widesparse.data.augment`, the model registry,
+:mod:`widesparse.ops.heap` (the CPU heap setting), and its helpers :mod:`widesparse.train.config` (``TrainConfig``),
+:mod:`widesparse.train.feed` (where batches come from), :mod:`widesparse.train.recipe` (optimizer groups, schedule,
+evaluation), :mod:`widesparse.train.checkpoint`, :mod:`widesparse.train.metrics`, :mod:`widesparse.train.distributed`
+and :mod:`widesparse.train.run_folder`.
 
 Recipe: AdamW (weight decay only on parameters with ``ndim >= 2``, none on biases and norms), linear warmup
 then cosine decay to zero, stepped per batch; cross-entropy with optional label smoothing; optional gradient
@@ -12,8 +13,8 @@ gathered, cropped/flipped (the data set's defaults, ``augment=False`` turns them
 A large image folder (ImageNet) streams instead: DataLoader workers decode it per batch
 (:mod:`widesparse.train.feed`, ``stream``, ``num_workers``). On CUDA the normalised input of a model with a
 convolutional patch embedding is ``channels_last`` (``channels_last=None``; cuDNN's fast layout). Not on the
-CPU by default: there the patch convolution alone ran 1.1-1.7x faster so, but whole training steps were not
-consistently faster (0.87-1.37x, side by side on a busy 2-core machine).
+CPU by default: there the patch convolution alone gains, but whole training steps were not consistently faster
+(docs/speed.md, layouts).
 
 Reproducibility: the order and augmentation of epoch ``e`` are drawn from a generator seeded by
 ``(seed, e)``, so they do not depend on history. A run folder ``out_dir/run_name`` (never overwritten: a
@@ -187,8 +188,8 @@ class _Trainer:
         if c.compile:
             self.forward = torch.compile(self.forward)
         self.steps_per_epoch = math.ceil(n / c.batch_size)
-        # fused: one kernel for all parameters (CPU and CUDA), measured 0.6 ms vs 2.8 ms per step of the for-loop
-        # default on the issue-13 CPU workload (1.1 M parameters in 102 tensors)
+        # fused: one kernel for all parameters (CPU and CUDA) instead of the for-loop default's many small ones;
+        # several times faster per step on the CPU (docs/speed.md, the optimizer step)
         fused = device.type in ("cpu", "cuda") and all(p.dtype in _FUSED_ADAMW for p in self.model.parameters())
         self.optimizer = torch.optim.AdamW(param_groups(self.model, c.weight_decay), lr=c.lr, fused=fused or None)
         total, warmup = c.epochs * self.steps_per_epoch, c.warmup_epochs * self.steps_per_epoch

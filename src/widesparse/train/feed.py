@@ -1,7 +1,7 @@
 """Where the training engine's batches come from: a data set held on the device, or a streaming image folder.
 
-Floor 4 (beside :mod:`widesparse.train.engine`); imports :mod:`widesparse.data.datasets`, :mod:`widesparse.data.readers`,
-:mod:`widesparse.data.augment`, :mod:`widesparse.data.loader` and :class:`widesparse.train.distributed.Dist`.
+Imports :mod:`widesparse.data.datasets`, :mod:`widesparse.data.readers`, :mod:`widesparse.data.augment`,
+:mod:`widesparse.data.loader` and :class:`widesparse.train.distributed.Dist`.
 
 Both feeds offer the same three things to the train loop: ``train_batches(epoch, start_step)`` (this rank's
 ``uint8`` share of every global batch of the epoch, on the device, from ``start_step`` on),

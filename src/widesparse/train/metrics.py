@@ -1,7 +1,7 @@
 """Per-epoch metrics of a run: ``metrics.jsonl``, ``metrics.csv`` and, when installed, TensorBoard.
 
-Floor 4 (beside :mod:`widesparse.train.engine`); imports nothing from ``widesparse``. TensorBoard is imported lazily
-and only when asked for (``tensorboard=True``) or available (``None``), so it is never a dependency.
+Imports only :func:`widesparse.train.checkpoint.atomic_write`. TensorBoard is imported lazily and only when asked
+for (``tensorboard=True``) or available (``None``), so it is never a dependency.
 
 On resume the files are rewritten from the checkpoint's history before new rows are appended, so they agree
 with the checkpoint even if the process died between writing the checkpoint and appending a row.

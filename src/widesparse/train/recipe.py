@@ -1,6 +1,6 @@
 """The pieces of the training recipe: AdamW parameter groups, the warmup-cosine schedule, autocast, evaluation.
 
-Floor 4 (beside :mod:`widesparse.train.engine`, which re-exports these names); imports :mod:`widesparse.data.datasets` and the
+:mod:`widesparse.train.engine` re-exports these names. Imports :mod:`widesparse.data.datasets` and the
 ``StructuredLinear`` base (for the decay groups).
 """
 

@@ -1,8 +1,8 @@
 """The run folder of a training run: its unique name, and the models read back from it.
 
-Floor 4 (beside :mod:`widesparse.train.engine`, which re-exports these names); imports the model registry. A run
-folder holds ``config.json`` (the config, the resolved model kwargs, the data set's info), ``model.pt`` (the
-final ``state_dict``), ``metrics.jsonl``/``.csv``, ``summary.json`` and ``checkpoint.pt``.
+:mod:`widesparse.train.engine` re-exports these names. Imports the model registry. A run folder holds
+``config.json`` (the config, the resolved model kwargs, the data set's info), ``model.pt`` (the final
+``state_dict``), ``metrics.jsonl``/``.csv``, ``summary.json`` and ``checkpoint.pt``.
 """
 
 from __future__ import annotations
