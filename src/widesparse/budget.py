@@ -1,4 +1,4 @@
-"""Connection budgets and width maximization for (S-)Mixers (PAPER.md §3.5, §3.6, eqs. (10), (11)).
+"""Connection budgets and width maximization for (S-)Mixers (docs/theory.md §3.5, §3.6, (10), (11)).
 
 A Mixer block with S tokens, C channels and hidden widths D_S (token MLP), D_C (channel MLP) is, on
 vec X, a sparse MLP of effective width m = S·C. Its four effective mixing matrices hold D_S·S·C, D_S·S·C,
@@ -8,7 +8,8 @@ D_C·C·S and D_C·C·S non-zeros; their average is the budget Ω of eq. (10). F
     Ω = γ(CS² + C²S)/2 = γ m (S + C)/2 = p γ m²,    p = (1/S + 1/C)/2             (10)
     S* = C* = (Ω/γ)^(1/3),   m* = (Ω/γ)^(2/3),   p* = 1/S*                         (11)
 
-This module imports nothing from the widesparse package (floor 1).
+The token grids a patch tiling reaches (which S an image of a given side allows, and the patch giving it) live
+here too: a sweep along (10) picks its S from them. Pure arithmetic: this module imports nothing from widesparse.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def connections_per_layer(
     """Ω of eq. (10): average non-zeros of a block's four effective mixing matrices.
 
     With one expansion, Ω = γ(CS² + C²S)/2. With hidden widths D_S (token) and D_C (channel),
-    Ω = (D_S·S·C + D_C·C·S)/2 (PAPER §3.6, unequal expansions); ``token_hidden``/``channel_hidden``
+    Ω = (D_S·S·C + D_C·C·S)/2 (docs/theory.md §3.6, unequal expansions); ``token_hidden``/``channel_hidden``
     override the width γS/γC implied by ``gamma`` for their branch.
     """
     S, C = _positive("S", S), _positive("C", C)
@@ -207,6 +208,50 @@ def default_S_values(omega: float, gamma: float) -> list[int]:
     while gamma * (s + s * s) / 2.0 <= omega:
         out.append(s)
         s *= 2
+    return out
+
+
+# --------------------------------------------------------------------------------------------- token grids
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def tokens_for_patch(image_size: int, patch: int | tuple[int, int]) -> int:
+    """Token count S = (H/p_h)(W/p_w) of ``image_size``² images cut into ``patch`` (an int or ``(p_h, p_w)``)."""
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    return (image_size // ph) * (image_size // pw)
+
+
+def reachable_tokens(image_size: int) -> list[int]:
+    """Every token count S = (H/p_h)(W/p_w) that a (possibly non-square) patch tiling of the image reaches."""
+    divs = _divisors(image_size)
+    return sorted({(image_size // a) * (image_size // b) for a in divs for b in divs})
+
+
+def patch_for_tokens(image_size: int, S: int) -> int | tuple[int, int]:
+    """The squarest patch (an int when square) giving S tokens on ``image_size``² images (docs/theory.md §6.1)."""
+    best = None
+    for ph in _divisors(image_size):
+        for pw in _divisors(image_size):
+            if (image_size // ph) * (image_size // pw) == S:
+                key = (abs(math.log(ph / pw)), -ph)
+                if best is None or key < best[0]:
+                    best = (key, (ph, pw))
+    if best is None:
+        raise ValueError(f"no patch tiling of {image_size}x{image_size} images gives S = {S} tokens; "
+                         f"reachable: {', '.join(map(str, reachable_tokens(image_size)))}")
+    ph, pw = best[1]
+    return ph if ph == pw else (ph, pw)
+
+
+def nearest_tokens(image_size: int, wanted: Sequence[float]) -> list[int]:
+    """For each wanted S the reachable token count nearest in log scale (duplicates removed, order kept)."""
+    reach = reachable_tokens(image_size)
+    out: list[int] = []
+    for w in wanted:
+        s = min(reach, key=lambda r: (abs(math.log(r / w)), -r))
+        if s not in out:
+            out.append(s)
     return out
 
 

@@ -7,10 +7,11 @@ import math
 import pytest
 
 from widesparse import budget
+from widesparse.budget import nearest_tokens, patch_for_tokens, reachable_tokens, tokens_for_patch
+from widesparse.data.datasets import image_geometry
 from widesparse.experiments import expand, get_experiment, list_experiments, unique_runs
-from widesparse.experiments.catalog import image_geometry
 from widesparse.experiments.scales import SCALES, get_scale
-from widesparse.experiments.specs import Run, nearest_tokens, patch_for_tokens, reachable_tokens, tokens_for_patch
+from widesparse.experiments.specs import Run
 from widesparse.models import create_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -38,6 +38,7 @@ __all__ = [
     "Split",
     "download_dataset",
     "get_dataset_info",
+    "image_geometry",
     "image_folder_splits",
     "iterate_batches",
     "list_datasets",
@@ -204,6 +205,12 @@ def get_dataset_info(name: str) -> DatasetInfo:
         return DATASETS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(list_datasets())}") from None
+
+
+def image_geometry(name: str) -> tuple[int, int, int]:
+    """``(image_size, in_chans, num_classes)`` of data set ``name``: what a model built for it needs."""
+    info = get_dataset_info(name)
+    return info.image_size, info.in_chans, info.num_classes
 
 
 # ----------------------------------------------------------------------------------------------- loaders

@@ -5,7 +5,7 @@ Modules: :mod:`specs` (runs, points, experiments), :mod:`scales` (every setting,
 (the paper's numbers and our verdicts), :mod:`figures`, :mod:`report`.
 """
 
+from widesparse.experiments.catalog import get_experiment, list_experiments
 from widesparse.experiments.runner import check_data, expand, format_plan, run_sweep, unique_runs
-from widesparse.experiments.specs import get_experiment, list_experiments
 
 __all__ = ["check_data", "expand", "format_plan", "get_experiment", "list_experiments", "run_sweep", "unique_runs"]

@@ -1,8 +1,12 @@
-"""E1-E10 of PAPER.md §5 as data: one expansion function each, with the paper's finding and our choices.
+"""E1-E10 of docs/theory.md §5 as data: one expansion function each, with the paper's finding and our choices.
 
-Floor 5. Each ``_eN(settings)`` turns one experiment's settings (:mod:`widesparse.experiments.scales`) into
+Each ``_eN(settings)`` turns one experiment's settings (:mod:`widesparse.experiments.scales`) into
 :class:`~widesparse.experiments.specs.Point` objects; identical runs asked for by several experiments (e.g. the
 E2 Mixer points and the E7 normal-Mixer points at the same Ω) get the same run id and are trained once.
+
+This module is also the experiments' registry (``register_experiment``, ``get_experiment``, ``list_experiments``):
+it imports the vocabulary of :mod:`widesparse.experiments.specs`, never the other way round, so importing it
+registers E1-E10 before anyone can ask for them.
 """
 
 from __future__ import annotations
@@ -12,29 +16,34 @@ from collections.abc import Callable
 from typing import Any
 
 from widesparse import budget
-from widesparse.data.datasets import get_dataset_info
-from widesparse.experiments.specs import (
-    Experiment,
-    Point,
-    Run,
-    mixer_point,
-    nearest_tokens,
-    patch_for_tokens,
-    register_experiment,
-    sw_backend,
-    sw_point,
-    train_run,
-)
+from widesparse.budget import nearest_tokens, patch_for_tokens
+from widesparse.data.datasets import image_geometry
+from widesparse.experiments.specs import Experiment, Point, Run, mixer_point, sw_backend, sw_point, train_run
 
-__all__ = ["image_geometry"]
+__all__ = ["register_experiment", "get_experiment", "list_experiments"]
+
+_EXPERIMENTS: dict[str, Experiment] = {}
 
 
-def image_geometry(dataset: str) -> tuple[int, int, int]:
-    """``(image_size, in_chans, num_classes)`` of a data set (ImageFolder: 224, 3, 1000)."""
-    if dataset == "imagefolder":
-        return 224, 3, 1000
-    info = get_dataset_info(dataset)
-    return info.image_size, info.in_chans, info.num_classes
+def register_experiment(exp: Experiment) -> Experiment:
+    """Add ``exp`` under its id (``E1`` ... ``E10``); a second registration of an id is an error."""
+    if exp.id in _EXPERIMENTS:
+        raise ValueError(f"experiment {exp.id} registered twice")
+    _EXPERIMENTS[exp.id] = exp
+    return exp
+
+
+def list_experiments() -> list[str]:
+    """The registered experiment ids in numeric order."""
+    return sorted(_EXPERIMENTS, key=lambda e: int(e[1:]))
+
+
+def get_experiment(name: str) -> Experiment:
+    """The experiment ``name`` (case-insensitive); unknown names raise ``ValueError`` listing the valid ones."""
+    key = name.upper()
+    if key not in _EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(list_experiments())}")
+    return _EXPERIMENTS[key]
 
 
 def _train(s: dict[str, Any], exp: str, model: str, kwargs: dict[str, Any], meta: dict[str, Any]) -> list[Point]:
@@ -220,7 +229,7 @@ def _e10(s: dict[str, Any]) -> list[Point]:
     return out
 
 
-_COMMON = "Training recipe PAPER.md §6.2 (the paper's is unknown); test error on the standard test split."
+_COMMON = "Training recipe docs/theory.md §6.2 (the paper's is unknown); test error on the standard test split."
 register_experiment(Experiment(
     "E1", "CKA between a trained Mixer and SW-MLPs of equal width over densities",
     "Diagonal-mean CKA between the Mixer and an SW-MLP peaks at p ≈ 1/C; the sparse MLP's CKA matrix is more "
@@ -228,7 +237,7 @@ register_experiment(Experiment(
     "CIFAR-10, 4 seeds)",
     ("SW-MLPs have the Mixer's width m = SC, depth and γ, and vary only p (p = 1 is the dense MLP).",
      "Features: the residual stream after every mixing sublayer (2L per model); seed s of the Mixer is paired "
-     "with seed s of each SW-MLP (PAPER.md §4.4, §6.1 item 8).", _COMMON), _per_dataset(_e1), x="p"))
+     "with seed s of each SW-MLP (docs/theory.md §4.4, §6.1 item 8).", _COMMON), _per_dataset(_e1), x="p"))
 register_experiment(Experiment(
     "E2", "Test error vs hidden width γm at a fixed connection budget Ω (Mixer and SW-MLP)",
     "Both improve with width; near γm ≈ 8000 the SW-MLP is worse than the Mixer and barely responds to width.",
@@ -241,18 +250,19 @@ register_experiment(Experiment(
     "Marchenko-Pastur edge 1 + √γ = 2.414 at γ = 2; SW-MLP growth reportedly linear in m",
     ("Gaussian init with variance 1/fan-in for the Mixer (the MP setting); SW-MLP init N(0, 1/(fan_in·p)) "
      "(Golubeva); σ_max of the expanding (γm x m) layers, averaged over them.",
-     "PAPER.md §3.9: with this init the SW-MLP growth is mild until rows hold a few dozen non-zeros.",
+     "docs/theory.md §3.9: with this init the SW-MLP growth is mild until rows hold a few dozen non-zeros.",
      "'(trained)' series: the same σ_max after training, of E2's models (original Mixer init; the same runs as E2)."),
     _e3))
 register_experiment(Experiment(
     "E4", "Monarch (free) vs Kronecker (tied, linear S-Mixer) weights in shallow MLPs",
     "Comparable test error: weight sharing costs little.", "MNIST, 5 seeds; numbers not reported",
-    ("Image as X ∈ R^{b x b}, depth 2 + linear head (PAPER.md §6.2 MNIST column).",), _per_dataset(_e4), x="series"))
+    ("Image as X ∈ R^{b x b}, depth 2 + linear head (docs/theory.md §6.2 MNIST column).",), _per_dataset(_e4),
+    x="series"))
 register_experiment(Experiment(
     "E5", "S-Mixer and RP S-Mixer width sweeps at several Ω",
     "Test error falls with the effective width m for both, plateauing near S = C.",
     "Ω = 2^18, 2^21, 2^27 (γ = 1: optima S = C = 64, 128, 512); CIFAR-10/100, STL-10; 3 seeds",
-    ("S-Mixer: one matrix per mixing step, GELU, no LN/skip (PAPER.md (3)); SW-MLP (with the Mixer's LN and "
+    ("S-Mixer: one matrix per mixing step, GELU, no LN/skip (docs/theory.md (3)); SW-MLP (with the Mixer's LN and "
      "residual, γ = 1) only at the smallest Ω, as in the paper.", _COMMON), _per_dataset(_e5)))
 register_experiment(Experiment(
     "E6", "Expansion factor γ at fixed Ω",

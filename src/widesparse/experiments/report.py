@@ -15,8 +15,8 @@ from typing import Any
 
 from widesparse import budget
 from widesparse.experiments import figures
+from widesparse.experiments.catalog import get_experiment
 from widesparse.experiments.findings import Verdict, judge
-from widesparse.experiments.specs import get_experiment
 from widesparse.experiments.table import read_plan, write_table
 from widesparse.train.checkpoint import atomic_write
 

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from widesparse.experiments.catalog import image_geometry
+from widesparse.budget import tokens_for_patch
+from widesparse.data.datasets import image_geometry
+from widesparse.experiments.catalog import get_experiment, list_experiments
 from widesparse.experiments.scales import get_scale
-from widesparse.experiments.specs import KINDS, Point, Run, forward_flops, get_experiment, list_experiments
+from widesparse.experiments.specs import KINDS, Point, Run, forward_flops
 from widesparse.experiments.tasks import execute, is_done
 from widesparse.train.checkpoint import write_json
 
@@ -89,7 +91,7 @@ def estimate(run: Run) -> dict[str, float]:
     img, chans, classes = image_geometry(c["dataset"])
     patch = kw.get("patch_size", 1)
     ph, pw = (patch, patch) if isinstance(patch, int) else patch
-    S = (img // ph) * (img // pw)
+    S = tokens_for_patch(img, patch)
     L = kw.get("depth", 1)
     if "width" in kw:  # SW-MLP / MLP
         m, g, p = kw["width"], kw.get("gamma", 2.0), kw.get("density", 1.0)

@@ -1,9 +1,13 @@
 """The vocabulary of an experiment: runs, points, experiments, and the model points on a fixed-Ω curve.
 
-Floor 5. A :class:`Run` is one unit of work (train a model, CKA of two trained runs, spectra at init, a
+A :class:`Run` is one unit of work (train a model, CKA of two trained runs, spectra at init, a
 memory/time measurement) identified by a hash of its inputs, so that experiments asking for the same run share it
 and a finished run is never repeated. A :class:`Point` is one experiment's view of a run: the run plus the
 coordinates the experiment plots (series, S, C, γ, L, m, γm, p, Ω, seed, ...).
+
+Imports point one way: :mod:`widesparse.experiments.catalog` builds E1-E10 from this vocabulary and holds their
+registry (``get_experiment``, ``list_experiments``); nothing here imports the catalog. The token grids
+(``nearest_tokens``, ``patch_for_tokens``, ...) are :mod:`widesparse.budget`'s.
 """
 
 from __future__ import annotations
@@ -11,18 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from widesparse import budget
+from widesparse.budget import patch_for_tokens
 
-__all__ = [
-    "KINDS", "Run", "Point", "Experiment", "register_experiment", "get_experiment", "list_experiments",
-    "tokens_for_patch", "patch_for_tokens", "sw_backend", "reachable_tokens", "nearest_tokens", "mixer_point",
-    "sw_point",
-    "train_run", "forward_flops",
-]
+__all__ = ["KINDS", "Run", "Point", "Experiment", "sw_backend", "mixer_point", "sw_point", "train_run",
+           "forward_flops"]
 
 KINDS = ("train", "spectra", "memory", "cka")  # execution order: a cka run reads two finished train runs
 
@@ -77,7 +78,7 @@ class Point:
 
 @dataclass(frozen=True)
 class Experiment:
-    """An experiment of PAPER.md §5: how it expands at a scale, and the paper's finding it is checked against.
+    """An experiment of docs/theory.md §5: how it expands at a scale, and the paper's finding it is checked against.
 
     ``expand(settings)`` returns the points (``settings`` is this experiment's dict of the scale table in
     :mod:`widesparse.experiments.scales`); ``choices`` are our decisions where the paper is silent, with reasons.
@@ -93,73 +94,7 @@ class Experiment:
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 
-_EXPERIMENTS: dict[str, Experiment] = {}
-
-
-def register_experiment(exp: Experiment) -> Experiment:
-    if exp.id in _EXPERIMENTS:
-        raise ValueError(f"experiment {exp.id} registered twice")
-    _EXPERIMENTS[exp.id] = exp
-    return exp
-
-
-def list_experiments() -> list[str]:
-    from widesparse.experiments import catalog  # noqa: F401  (registers E1-E10)
-
-    return sorted(_EXPERIMENTS, key=lambda e: int(e[1:]))
-
-
-def get_experiment(name: str) -> Experiment:
-    valid = list_experiments()
-    key = name.upper()
-    if key not in _EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(valid)}")
-    return _EXPERIMENTS[key]
-
-
-# ------------------------------------------------------------------------------------------ token grids
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def tokens_for_patch(image_size: int, patch: int | tuple[int, int]) -> int:
-    ph, pw = (patch, patch) if isinstance(patch, int) else patch
-    return (image_size // ph) * (image_size // pw)
-
-
-def reachable_tokens(image_size: int) -> list[int]:
-    """Every token count S = (H/p_h)(W/p_w) that a (possibly non-square) patch tiling of the image reaches."""
-    divs = _divisors(image_size)
-    return sorted({(image_size // a) * (image_size // b) for a in divs for b in divs})
-
-
-def patch_for_tokens(image_size: int, S: int) -> int | tuple[int, int]:
-    """The squarest patch (an int when square) giving S tokens on ``image_size``² images (PAPER.md §6.1 item 4)."""
-    best = None
-    for ph in _divisors(image_size):
-        for pw in _divisors(image_size):
-            if (image_size // ph) * (image_size // pw) == S:
-                key = (abs(math.log(ph / pw)), -ph)
-                if best is None or key < best[0]:
-                    best = (key, (ph, pw))
-    if best is None:
-        raise ValueError(f"no patch tiling of {image_size}x{image_size} images gives S = {S} tokens; "
-                         f"reachable: {', '.join(map(str, reachable_tokens(image_size)))}")
-    ph, pw = best[1]
-    return ph if ph == pw else (ph, pw)
-
-
-def nearest_tokens(image_size: int, wanted: Sequence[float]) -> list[int]:
-    """For each wanted S the reachable token count nearest in log scale (duplicates removed, order kept)."""
-    reach = reachable_tokens(image_size)
-    out: list[int] = []
-    for w in wanted:
-        s = min(reach, key=lambda r: (abs(math.log(r / w)), -r))
-        if s not in out:
-            out.append(s)
-    return out
-
-
+# ------------------------------------------------------------------------------------------ model points
 def forward_flops(connections: float, m: float, S: float, image_size: int, in_chans: int, num_classes: int) -> float:
     """Forward FLOPs per example: 2 x (mixing connections + patch embedding + head), dense layers counted dense.
 
@@ -168,7 +103,6 @@ def forward_flops(connections: float, m: float, S: float, image_size: int, in_ch
     return 2.0 * (connections + m * in_chans * image_size * image_size / S + (m / S) * num_classes)
 
 
-# ------------------------------------------------------------------------------------------ model points
 def train_run(recipe: dict[str, Any], model: str, model_kwargs: dict[str, Any], dataset: str, seed: int) -> Run:
     """A training run: TrainConfig fields ``recipe`` plus model, data set, model kwargs and seed."""
     config = {**recipe, "model": model, "dataset": dataset, "seed": int(seed), "model_kwargs": model_kwargs}
@@ -182,7 +116,7 @@ def mixer_point(S: int, omega: float | None, gamma: float, depth: int, image_siz
     C is solved from Ω (``budget.solve_channels``) and rounded to the nearest integer >= 1 unless given; the
     coordinates hold the realized Ω, m = SC, γm and p. ``variant``: a registered Mixer-family name.
     """
-    single = variant in ("s_mixer", "rp_s_mixer")  # one matrix per mixing step (PAPER.md (3)): γ = 1
+    single = variant in ("s_mixer", "rp_s_mixer")  # one matrix per mixing step (docs/theory.md (3)): γ = 1
     if single:
         gamma = 1.0
     if C is None:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from widesparse.data.datasets import image_geometry
 from widesparse.experiments.specs import forward_flops
 from widesparse.experiments.tasks import ERROR, RESULT
 from widesparse.train.checkpoint import atomic_write
@@ -46,8 +47,6 @@ def _flops(row: dict[str, Any], params: dict[str, Any]) -> float | None:
     cfg = params.get("config")
     if not cfg or row.get("connections") is None or row.get("m") is None:
         return None
-    from widesparse.experiments.catalog import image_geometry
-
     return forward_flops(row["connections"], row["m"], row.get("S") or 1, *image_geometry(cfg["dataset"]))
 
 

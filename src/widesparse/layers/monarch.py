@@ -1,4 +1,4 @@
-"""Monarch matrices (Dao et al., ICML 2022) and the Mixer-Monarch correspondence (PAPER.md (13), §3.8, §4.5).
+"""Monarch matrices (Dao et al., ICML 2022) and the Mixer-Monarch correspondence (docs/theory.md (13), §3.8, §4.5).
 
 A Monarch matrix is ``M = P L P^T R`` with ``R`` and ``L`` block-diagonal. On ``x = vec X`` (column-major,
 ``X`` of shape ``(p, k)``: ``k`` column blocks of length ``p``) the shapes are
@@ -9,11 +9,11 @@ A Monarch matrix is ``M = P L P^T R`` with ``R`` and ``L`` block-diagonal. On ``
 * ``P = K_{s,q}`` turns the result back into ``vec Y`` with ``Y`` of shape ``(q, s)``,
 
 so ``M[j*q + r, c*p + i] = L_r[j, c] R_c[r, i]`` with ``in_features = k*p`` and ``out_features = q*s``
-(PAPER.md §4.5). ``nblocks = k`` and ``out_blocks = q`` (default ``p``, square ``R`` blocks); at ``n = b^2`` and
+(docs/theory.md §4.5). ``nblocks = k`` and ``out_blocks = q`` (default ``p``, square ``R`` blocks); at ``n = b^2`` and
 ``nblocks = b`` this is Dao et al.'s square Monarch and torch-structured's ``MonarchLinear(n, n, nblocks=b)``.
 
 Tying every ``R_c = W`` and every ``L_r = V^T`` gives ``M = V^T ⊗ W``: the linear S-Mixer layer
-``vec(W X V)`` (PAPER.md (4), (13)), :class:`TiedMonarchLinear`. The effective matrix of either is dense
+``vec(W X V)`` (docs/theory.md (4), (13)), :class:`TiedMonarchLinear`. The effective matrix of either is dense
 (every entry is one product ``L_r[j, c] R_c[r, i]``), so ``connections = in_features * out_features``;
 ``factor_connections`` counts the non-zeros of the two factors.
 
@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 
 from widesparse.layers.base import StructuredLinear
 from widesparse.linalg import commutation_matrix_dense
-from widesparse.ops.matmul import use_onednn
+from widesparse.ops.matmul import autocast_dtype, use_onednn
 
 __all__ = [
     "MonarchShape",
@@ -93,13 +93,6 @@ def monarch_shape(in_features: int, out_features: int, nblocks: int, out_blocks:
 
 
 # ------------------------------------------------------------------------------------------------ kernels
-def _autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """The ambient autocast dtype when autocast would cast ``x`` (floating, not float64), else None."""
-    dev = x.device.type
-    eligible = x.is_floating_point() and x.dtype != torch.float64
-    return torch.get_autocast_dtype(dev) if eligible and torch.is_autocast_enabled(dev) else None
-
-
 class _MonarchMultiply(torch.autograd.Function):
     """``y = P L P^T R x + b``: ``x`` ``(B, k*p)``, ``R`` ``(k, q, p)``, ``L`` ``(q, s, k)``, ``b`` ``(q*s,)``/None."""
 
@@ -153,8 +146,10 @@ def monarch_multiply(x: Tensor, weight_r: Tensor, weight_l: Tensor, bias: Tensor
     if x.shape[-1] != k * p:
         raise ValueError(f"Monarch: input has {x.shape[-1]} features, the layer expects k*p = {k}*{p} = {k * p}")
     lead, s = x.shape[:-1], weight_l.shape[1]
-    dt = _autocast_dtype(x)
-    if dt is not None:
+    # under autocast (never for float64 inputs, which autocast leaves alone) every operand goes to the dtype a
+    # linear map would compute in, so the two GEMMs below run in it
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point() and x.dtype != torch.float64:
+        dt = autocast_dtype(x)
         x, weight_r, weight_l = x.to(dt), weight_r.to(dt), weight_l.to(dt)
         bias = None if bias is None else bias.to(dt)
     x2 = x.reshape(-1, k * p).contiguous()
@@ -167,8 +162,8 @@ def monarch_multiply(x: Tensor, weight_r: Tensor, weight_l: Tensor, bias: Tensor
 
 def _monarch_grouped_conv(x: Tensor, wr: Tensor, wl: Tensor, bias: Tensor | None) -> Tensor:
     """The float32 CPU route: ``R`` and ``L`` as grouped 1x1 convolutions over the rows of ``x`` (oneDNN, see
-    :mod:`widesparse.ops.matmul`), with one transposed copy for ``P^T`` and one for ``P``; measured 1.3x faster
-    forward + backward than the batched matmuls (MKL) at ``n = 4096``, batch 128, 2 threads. Plain autograd."""
+    :mod:`widesparse.ops.matmul`), with one transposed copy for ``P^T`` and one for ``P``: faster forward +
+    backward than the batched matmuls there (benchmarks/bench_monarch.py). Plain autograd."""
     B = x.shape[0]
     k, q, p = wr.shape
     s = wl.shape[1]
@@ -198,7 +193,7 @@ def monarch_effective(weight_r: Tensor, weight_l: Tensor) -> Tensor:
 
 
 def monarch_factors_dense(weight_r: Tensor, weight_l: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The four dense factors ``(P, L, P^T, R)`` of ``M = P L P^T R`` (PAPER.md (13)); oracle only.
+    """The four dense factors ``(P, L, P^T, R)`` of ``M = P L P^T R`` (docs/theory.md (13)); oracle only.
 
     ``R = diag(R_c)``, ``P^T = K_{q,k}``, ``L = diag(L_r)``, ``P = K_{s,q}`` (``= K_{q,k}^T`` when ``s = k``).
     """
@@ -275,7 +270,7 @@ class _MonarchBase(StructuredLinear):
 
 
 class MonarchLinear(_MonarchBase):
-    """Free Monarch layer ``x -> P L P^T R x + b`` (Dao et al. 2022; PAPER.md §4.5).
+    """Free Monarch layer ``x -> P L P^T R x + b`` (Dao et al. 2022; docs/theory.md §4.5).
 
     Args:
         in_features, out_features: sizes of ``x`` and ``y``.
@@ -321,7 +316,7 @@ class MonarchLinear(_MonarchBase):
 
 
 class TiedMonarchLinear(_MonarchBase):
-    """Monarch layer with tied blocks, ``M = V^T ⊗ W``: the linear S-Mixer layer ``vec(W X V)`` (PAPER.md (13)).
+    """Monarch layer with tied blocks, ``M = V^T ⊗ W``: the linear S-Mixer layer ``vec(W X V)`` (docs/theory.md (13)).
 
     ``x = vec X`` with ``X`` of shape ``(S, C)``, ``S = in_features / nblocks``, ``C = nblocks``;
     ``W = weight_r`` ``(S', S)`` with ``S' = out_blocks`` (default ``S``), ``V^T = weight_l`` ``(C', C)``.
@@ -416,7 +411,7 @@ def project_kron(weight: Tensor, nblocks: int, out_blocks: int | None = None) ->
     """Nearest ``A ⊗ B`` to ``weight`` in Frobenius norm (Van Loan and Pitsianis): ``(W, V^T) = (B, A)``.
 
     Shapes as :class:`TiedMonarchLinear` (``W`` ``(q, p)``, ``V^T`` ``(s, k)``); the factors are balanced,
-    ``||W||_F = ||V||_F`` (the smallest ``(||W||_F^2 + ||V||_F^2)/2`` of all factorisations, PAPER.md (12)).
+    ``||W||_F = ||V||_F`` (the smallest ``(||W||_F^2 + ||V||_F^2)/2`` of all factorisations, docs/theory.md (12)).
     """
     (k, p, q, s), m = _blocks_of(weight, nblocks, out_blocks)
     u, v = _rank1(m.permute(0, 2, 1, 3).reshape(s * k, q * p))  # rearranged: [(j, c), (r, i)] = A[j,c] B[r,i]

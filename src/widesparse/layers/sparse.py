@@ -1,9 +1,11 @@
-"""Static sparse-weight linear layers of the SW-MLP: ``y = (M ⊙ A) x + b`` with a fixed 0/1 mask ``M`` (PAPER.md §4.2).
+"""Static sparse-weight linear layers of the SW-MLP (docs/theory.md §4.2): ``y = (M ⊙ A) x + b``, fixed 0/1 mask ``M``.
+
+Shapes: ``x`` ``(..., in_features)`` -> ``(..., out_features)``; the mask ``M`` is ``(out_features, in_features)``.
 
 Two storages of the same layer:
 
 * :class:`MaskedLinear`: a dense weight times a dense ``bool`` mask buffer, as every public implementation does it
-  (fly's ``RandomLinear``, wide-sparse-nets; PEERS.md §2.5). Memory and time grow with ``out * in``. At density 1 it
+  (fly's ``RandomLinear``, google-research/wide-sparse-nets). Memory and time grow with ``out * in``. At density 1 it
   is a plain dense layer and stores no mask.
 * :class:`SparseLinear`: only the non-zero weights (``values``, the one weight ``Parameter``, so gradients and
   optimizer state are sized by the connections) and their CSR indices (int32 where they fit). The forward and
@@ -12,169 +14,37 @@ Two storages of the same layer:
   transposed index structure kept alongside (never rebuilt per step), and ``torch.sparse.sampled_addmm`` (SDDMM)
   for the weight gradient.
 
-Masks (seeded, reproducible; the same seed gives the same mask in both layers): ``"bernoulli"`` (i.i.d.
-Bernoulli(p) entries, the paper's; rows may be empty) or ``"fan_in"`` (exactly ``k = max(1, round(p * in))``
-connections per output row, or ``fan_in=k``). Init ``"golubeva"`` (default): N(0, 1/(in * p)), i.e. normalised by
+Masks come from :mod:`widesparse.layers.masks` (seeded; the same seed gives the same mask in both layers):
+``"bernoulli"`` or ``"fan_in"``. Init ``"golubeva"`` (default): N(0, 1/(in * p)), i.e. normalised by
 the expected fan-in (Golubeva et al. 2021; ``1/k`` for fixed fan-in); ``"plain"``: N(0, 1/in). Biases start at zero.
+The weights come from the global RNG, or from ``generator`` when one is given (mask and weights are separate draws).
 """
 
 from __future__ import annotations
 
-import math
 import warnings
-from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from widesparse.layers.base import StructuredLinear
+from widesparse.layers.masks import (
+    INT32_MAX,
+    InitRule,
+    MaskKind,
+    check_indices,
+    check_layer_args,
+    indices_to_mask,
+    init_std,
+    mask_indices,
+    mask_row_counts,
+    resolve_fan_in,
+)
 from widesparse.ops.matmul import linear_last
 
 __all__ = ["MaskedLinear", "SparseLinear", "MaskKind", "InitRule", "mask_row_counts", "mask_indices",
            "indices_to_mask", "init_std"]
-
-MaskKind = Literal["bernoulli", "fan_in"]
-InitRule = Literal["golubeva", "plain"]
-_INT32_MAX = 2**31 - 1
-
-
-# ------------------------------------------------------------------------------------------------------ masks
-def _check_layer_args(in_features: int, out_features: int, density: float, mask: str, init: str) -> None:
-    for name, v in (("in_features", in_features), ("out_features", out_features)):
-        if isinstance(v, bool) or int(v) != v or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if isinstance(density, bool) or not (0.0 < float(density) <= 1.0):
-        raise ValueError(f"density must be in (0, 1], got {density!r}")
-    if mask not in ("bernoulli", "fan_in"):
-        raise ValueError(f"unknown mask {mask!r}; valid: 'bernoulli', 'fan_in'")
-    if init not in ("golubeva", "plain"):
-        raise ValueError(f"unknown init {init!r}; valid: 'golubeva', 'plain'")
-
-
-def _resolve_fan_in(in_features: int, density: float, mask: str, fan_in: int | None) -> int | None:
-    if fan_in is None:
-        return max(1, round(density * in_features)) if mask == "fan_in" else None
-    if mask != "fan_in":
-        raise ValueError(f"fan_in={fan_in!r} needs mask='fan_in' (got mask={mask!r})")
-    if isinstance(fan_in, bool) or int(fan_in) != fan_in or not 1 <= fan_in <= in_features:
-        raise ValueError(
-            f"fixed fan-in {fan_in!r} is invalid: need 1 <= fan_in <= in_features = {in_features} "
-            "(fan_in 0 would leave every output row with no connection)"
-        )
-    return int(fan_in)
-
-
-def mask_row_counts(
-    out_features: int, in_features: int, density: float, mask: MaskKind = "bernoulli", seed: int = 0,
-    fan_in: int | None = None,
-) -> Tensor:
-    """Connections per output row (int64): Binomial(in, p) for ``"bernoulli"``, ``k`` for ``"fan_in"``.
-
-    The first draw of the mask's generator, so the count (and ``connections``) is known without sampling columns.
-    """
-    return _counts(out_features, in_features, density, mask, seed, fan_in)[0]
-
-
-def _counts(o: int, n: int, density: float, mask: str, seed: int, fan_in: int | None) -> tuple[Tensor, torch.Generator]:
-    _check_layer_args(n, o, density, mask, "golubeva")
-    k, g = _resolve_fan_in(n, density, mask, fan_in), torch.Generator().manual_seed(int(seed))
-    if k is not None:
-        return torch.full((o,), k, dtype=torch.int64), g
-    trials = torch.full((o,), float(n), dtype=torch.float64)
-    return torch.binomial(trials, torch.full_like(trials, float(density)), generator=g).long(), g
-
-
-def mask_indices(
-    out_features: int, in_features: int, density: float, mask: MaskKind = "bernoulli", seed: int = 0,
-    fan_in: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """CSR ``(crow_indices, col_indices)`` of a seeded random mask, columns sorted within rows.
-
-    Row counts come from :func:`mask_row_counts`; each row's columns are then a uniform subset of that size,
-    sampled without ever forming the dense ``out x in`` matrix: draw with replacement, redraw the duplicates until
-    none remain (the result is invariant under column permutations, hence uniform); rows denser than 1/2 draw
-    their complement instead. Cost O(connections log connections). Index dtype: int32 where it fits, else int64.
-    """
-    counts, g = _counts(out_features, in_features, density, mask, seed, fan_in)
-    n_in = int(in_features)
-    comp = counts > n_in // 2
-    draw = torch.where(comp, n_in - counts, counts)
-    rows = torch.repeat_interleave(torch.arange(out_features), draw)
-    keys = _unique_per_row(rows, n_in, g)
-    if bool(comp.any()):
-        dense = comp[:, None].expand(out_features, n_in).clone()  # complement rows start full, others empty
-        dense[keys // n_in, keys % n_in] = ~dense[keys // n_in, keys % n_in]
-        keys = dense.flatten().nonzero().squeeze(1)
-    crow = torch.zeros(out_features + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=crow[1:])
-    cols = keys % n_in
-    itype = torch.int32 if max(int(crow[-1]), out_features, in_features) <= _INT32_MAX else torch.int64
-    return crow.to(itype), cols.to(itype)
-
-
-def _unique_per_row(rows: Tensor, n: int, g: torch.Generator) -> Tensor:
-    """Sorted keys ``row * n + col`` with distinct uniform columns per row (rows given with multiplicity)."""
-    keys = torch.from_numpy(np.sort((rows * n + torch.randint(n, rows.shape, generator=g)).numpy()))
-    dup = torch.zeros(keys.shape, dtype=torch.bool)
-    dup[1:] = keys[1:] == keys[:-1]
-    redraw_rows = keys[dup] // n  # one redraw per surplus copy, in the same row
-    if redraw_rows.numel() == 0:
-        return keys
-    keys = keys[~dup]
-    accepted = keys.new_empty(0)
-    while redraw_rows.numel():  # few entries: check them against keys and the accepted ones by binary search
-        new = torch.sort(redraw_rows * n + torch.randint(n, redraw_rows.shape, generator=g)).values
-        clash = _contains(keys, new) | _contains(accepted, new)
-        clash[1:] |= new[1:] == new[:-1]
-        accepted = torch.sort(torch.cat([accepted, new[~clash]])).values
-        redraw_rows = new[clash] // n
-    merged = torch.empty(keys.numel() + accepted.numel(), dtype=keys.dtype)  # merge two sorted arrays, O(nnz)
-    merged[torch.searchsorted(accepted, keys) + torch.arange(keys.numel())] = keys
-    merged[torch.searchsorted(keys, accepted) + torch.arange(accepted.numel())] = accepted
-    return merged
-
-
-def _contains(sorted_keys: Tensor, q: Tensor) -> Tensor:
-    if sorted_keys.numel() == 0:
-        return torch.zeros(q.shape, dtype=torch.bool)
-    pos = torch.searchsorted(sorted_keys, q).clamp_(max=sorted_keys.numel() - 1)
-    return sorted_keys[pos] == q
-
-
-def indices_to_mask(crow: Tensor, col: Tensor, out_features: int, in_features: int) -> Tensor:
-    """Dense ``bool`` mask ``(out, in)`` of CSR indices."""
-    rows = torch.repeat_interleave(torch.arange(out_features, device=crow.device), crow.long().diff())
-    m = torch.zeros(out_features, in_features, dtype=torch.bool, device=crow.device)
-    m[rows, col.long()] = True
-    return m
-
-
-def init_std(in_features: int, density: float, rule: InitRule = "golubeva", fan_in: int | None = None) -> float:
-    """Init std: ``1/sqrt(in * p)`` (``1/sqrt(k)`` for fixed fan-in ``k``) for ``"golubeva"``, ``1/sqrt(in)`` else."""
-    if rule == "plain":
-        return 1.0 / math.sqrt(in_features)
-    if rule != "golubeva":
-        raise ValueError(f"unknown init {rule!r}; valid: 'golubeva', 'plain'")
-    return 1.0 / math.sqrt(fan_in if fan_in is not None else in_features * density)
-
-
-def _check_indices(crow: Tensor, col: Tensor, out_features: int, in_features: int) -> None:
-    if crow.shape != (out_features + 1,) or col.ndim != 1:
-        raise ValueError(
-            f"CSR indices of an ({out_features}, {in_features}) mask need crow of shape ({out_features + 1},) and a "
-            f"1-D col; got {tuple(crow.shape)} and {tuple(col.shape)}"
-        )
-    c, k = crow.long(), col.long()
-    if c[0] != 0 or c[-1] != k.numel() or bool((c.diff() < 0).any()):
-        raise ValueError(f"crow must rise from 0 to nnz = {k.numel()}, got {c[0].item()} .. {c[-1].item()}")
-    if k.numel() and (k.min() < 0 or k.max() >= in_features):
-        raise ValueError(f"column indices must lie in [0, {in_features}), got {k.min().item()} .. {k.max().item()}")
-    rows = torch.repeat_interleave(torch.arange(out_features, device=c.device), c.diff())
-    key = rows * in_features + k
-    if k.numel() > 1 and bool((key.diff() <= 0).any()):
-        raise ValueError("column indices must be strictly increasing within each row (sorted, no duplicates)")
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -225,25 +95,25 @@ class _MaskedBase(StructuredLinear):
     def __init__(
         self, in_features: int, out_features: int, density: float = 1.0, *, mask: MaskKind = "bernoulli",
         fan_in: int | None = None, init: InitRule = "golubeva", bias: bool = True, seed: int = 0,
-        indices: tuple[Tensor, Tensor] | None = None, device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        indices: tuple[Tensor, Tensor] | None = None, generator: torch.Generator | None = None,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_layer_args(in_features, out_features, density, mask, init)
+        check_layer_args(in_features, out_features, density, mask, init)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.mask_kind, self.init_rule, self.seed = mask, init, int(seed)
-        self.fan_in = _resolve_fan_in(self.in_features, float(density), mask, fan_in)
+        self.fan_in = resolve_fan_in(self.in_features, float(density), mask, fan_in)
         self.mask_density = float(density) if self.fan_in is None else self.fan_in / self.in_features
         o, n, fk = self.out_features, self.in_features, {"device": device, "dtype": dtype}
         if indices is not None:
-            _check_indices(*indices, o, n)
+            check_indices(*indices, o, n)
         elif torch.device(device or "cpu").type == "meta":  # count the connections, sample nothing
             indices = (None, int(mask_row_counts(o, n, self.mask_density, mask, seed, self.fan_in).sum()))
         elif not (isinstance(self, MaskedLinear) and self.mask_density == 1.0):
             indices = mask_indices(o, n, self.mask_density, mask, seed, self.fan_in)
         self._allocate(indices, fk)
         self.bias = nn.Parameter(torch.zeros(o, **fk)) if bias else None
-        self.reset_parameters()
+        self.reset_parameters(generator)
 
     def _allocate(self, indices: tuple[Tensor | None, Tensor | int] | None, fk: dict) -> None:
         raise NotImplementedError
@@ -272,8 +142,9 @@ class MaskedLinear(_MaskedBase):
     optimizer whose update vanishes with the gradient (SGD, Adam, AdamW). ``density=1`` stores no mask.
 
     Args: ``density`` p in (0, 1]; ``mask`` ``"bernoulli"`` or ``"fan_in"`` (``fan_in``: explicit k); ``init``
-    ``"golubeva"`` (std ``1/sqrt(in p)``) or ``"plain"`` (``1/sqrt(in)``); ``seed`` the mask seed (weights come from
-    the global RNG, in the mask's CSR order); ``indices`` an optional CSR ``(crow, col)`` replacing the sampled mask.
+    ``"golubeva"`` (std ``1/sqrt(in p)``) or ``"plain"`` (``1/sqrt(in)``); ``seed`` the mask seed; ``generator``
+    the weights' (``None``: the global RNG; drawn in the mask's CSR order); ``indices`` an optional CSR
+    ``(crow, col)`` replacing the sampled mask.
     """
 
     mask: Tensor | None
@@ -292,12 +163,13 @@ class MaskedLinear(_MaskedBase):
             self.register_buffer("mask", indices_to_mask(crow.cpu(), col.cpu(), o, n).to(fk["device"]))
             self._nnz = col.numel()
 
-    def reset_parameters(self) -> None:
-        """Weights N(0, std^2) on the mask (drawn in CSR order from the global RNG), zeros elsewhere; bias 0."""
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Weights N(0, std^2) on the mask (drawn in CSR order from ``generator`` or the global RNG), zeros
+        elsewhere; bias 0."""
         with torch.no_grad():
             if self.weight.is_meta:
                 return
-            vals = torch.randn(self._nnz, dtype=self.weight.dtype) * self._init_std()
+            vals = torch.randn(self._nnz, dtype=self.weight.dtype, generator=generator) * self._init_std()
             if self.mask is None:
                 self.weight.copy_(vals.view_as(self.weight))
             else:
@@ -308,7 +180,7 @@ class MaskedLinear(_MaskedBase):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight if self.mask is None else self.weight * self.mask
-        return linear_last(x, w, self.bias)  # float32 CPU: oneDNN, twice MKL's rate on AMD (widesparse.ops.matmul)
+        return linear_last(x, w, self.bias)  # float32 CPU: the oneDNN route of widesparse.ops.matmul
 
     def effective_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         w = self.weight.detach().to(dtype or self.weight.dtype)
@@ -324,7 +196,7 @@ class MaskedLinear(_MaskedBase):
         """The same layer (mask, weights, bias) stored as a :class:`SparseLinear`."""
         m = self.mask if self.mask is not None else torch.ones_like(self.weight, dtype=torch.bool)
         counts = m.sum(1)
-        itype = torch.int32 if m.numel() <= _INT32_MAX else torch.int64
+        itype = torch.int32 if m.numel() <= INT32_MAX else torch.int64
         crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(itype)
         out = SparseLinear(self.in_features, self.out_features, self.mask_density, **self._layer_args(),
                            indices=(crow, m.nonzero()[:, 1].to(itype)), device=m.device, dtype=self.weight.dtype)
@@ -336,7 +208,7 @@ class MaskedLinear(_MaskedBase):
 
 
 class SparseLinear(_MaskedBase):
-    """``y = W x + b`` storing only the connections of a static mask (values + CSR indices; PAPER.md §4.2).
+    """``y = W x + b`` storing only the connections of a static mask (values + CSR indices; docs/theory.md §4.2).
 
     ``values`` (length ``connections``, CSR order) is the only weight parameter. Buffers: ``crow_indices``,
     ``col_indices`` (persistent: the mask travels with the state dict) and the transposed structure
@@ -356,7 +228,7 @@ class SparseLinear(_MaskedBase):
         o, n = self.out_features, self.in_features
         crow, col = indices
         if crow is None:  # meta: shapes only
-            itype = torch.int32 if max(col, o, n) <= _INT32_MAX else torch.int64
+            itype = torch.int32 if max(col, o, n) <= INT32_MAX else torch.int64
             crow, col = torch.empty(o + 1, dtype=itype, device="meta"), torch.empty(col, dtype=itype, device="meta")
         self.register_buffer("crow_indices", crow.to(fk["device"]))
         self.register_buffer("col_indices", col.to(fk["device"]))
@@ -365,12 +237,13 @@ class SparseLinear(_MaskedBase):
             self.register_buffer(name, None, persistent=False)
         self.rebuild_transpose()
 
-    def reset_parameters(self) -> None:
-        """Values N(0, std^2) from the global RNG in CSR order (as :class:`MaskedLinear`); bias 0."""
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Values N(0, std^2) in CSR order from ``generator`` or the global RNG (as :class:`MaskedLinear`); bias 0."""
         with torch.no_grad():
             if self.values.is_meta:
                 return
-            self.values.copy_(torch.randn(self.values.numel(), dtype=self.values.dtype) * self._init_std())
+            vals = torch.randn(self.values.numel(), dtype=self.values.dtype, generator=generator)
+            self.values.copy_(vals * self._init_std())
             if self.bias is not None:
                 self.bias.zero_()
 
@@ -439,7 +312,7 @@ class SparseLinear(_MaskedBase):
                                       error_msgs)
         if not self.crow_indices.is_meta:
             try:
-                _check_indices(self.crow_indices, self.col_indices, self.out_features, self.in_features)
+                check_indices(self.crow_indices, self.col_indices, self.out_features, self.in_features)
             except ValueError as e:
                 error_msgs.append(f"{prefix}: loaded mask indices are invalid: {e}")
                 return

@@ -5,15 +5,15 @@ Papers:
     Hayase & Karakida, "Understanding MLP-Mixer as a Wide and Sparse MLP", ICML 2024, arXiv:2306.01470.
     (No official code exists for the latter; widesparse is its reference implementation.)
 
-Block (PAPER.md (1)-(2)): ``U = X + W_2 act(W_1 LN(X))`` (token mixing, widths S -> D_S -> S) and
-``Y = U + act(LN(U) W_3) W_4`` (channel mixing, C -> D_C -> C). On ``x = vec X`` these are the wide sparse
-maps ``I_C ⊗ W`` (density 1/C) and ``V^T ⊗ I_S`` (density 1/S) of width ``m = S*C``.
+Block (docs/theory.md (1)-(2)): ``U = X + W_2 act(W_1 LN(X))`` (token mixing, widths S -> D_S -> S) and
+``Y = U + act(LN(U) W_3) W_4`` (channel mixing, C -> D_C -> C), on ``X`` of shape ``(B, S, C)``. On ``x = vec X``
+these are the wide sparse maps ``I_C ⊗ W`` (density 1/C) and ``V^T ⊗ I_S`` (density 1/S) of width ``m = S*C``.
 
 * ``mixer``: the original Mixer (pre-norm residual, LayerNorm eps 1e-6, GELU).
-* ``s_mixer``: PAPER.md (3), no LayerNorm, no skip, one matrix per mixing step followed by the activation;
+* ``s_mixer``: docs/theory.md (3), no LayerNorm, no skip, one matrix per mixing step followed by the activation;
   ``mixing_layers=2`` gives two-layer expanded mixing MLPs (still no LN/skip, activation after each step).
 * ``rp_mixer``/``rp_s_mixer``: fixed uniform random permutations ``J_1`` on the input vec and ``J_2`` on the
-  output vec of every mixing step (PAPER.md §4.3); ``permutation="identity"`` reproduces the Mixer exactly.
+  output vec of every mixing step (docs/theory.md §4.3); ``permutation="identity"`` reproduces the Mixer exactly.
 
 Widths: ``token_hidden = round(token_expansion * S)``, ``channel_hidden = round(channel_expansion * C)``
 unless given explicitly (the original presets fix them: B/16 has D_S = 384, D_C = 3072).
@@ -24,6 +24,10 @@ Init (``init_mode``):
   bias, LayerNorm weight 1 / bias 0, zero head weight and bias ``head_bias``.
 * ``"jax"``: as the official Flax code: LeCun-normal mixing weights, zero biases, zero head.
 * ``"gaussian"``: mixing weights N(0, 1/fan_in), zero biases (the Marchenko-Pastur setting of E3).
+
+Seeds (:mod:`widesparse.models.seeds`): ``seed`` fixes the permutations only (the RP variants; the plain Mixer
+has no random structure), as does ``perm_seed``, which overrides it. The weights come from the global torch RNG
+unless ``init_seed`` is given; then from a generator seeded with it, independent of the global RNG.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -45,7 +48,8 @@ from widesparse.layers.norm import LayerNorm
 from widesparse.layers.patch_embed import PatchEmbed
 from widesparse.models.base import MixerSurface
 from widesparse.models.blocks import MixerBlock
-from widesparse.models.registry import register_model
+from widesparse.models.registry import register_preset
+from widesparse.models.seeds import draw_, init_generator, layer_seeds
 
 __all__ = ["MlpMixer"]
 
@@ -53,7 +57,10 @@ InitMode = Literal["mixer", "jax", "gaussian"]
 
 
 class MlpMixer(MixerSurface):
-    """The Mixer family on images ``(B, in_chans, H, W)``: patch embedding, ``depth`` blocks, LN, mean, head."""
+    """The Mixer family on images ``(B, in_chans, H, W)``: patch embedding, ``depth`` blocks, LN, mean, head.
+
+    ``seed``/``perm_seed`` fix the permutations, ``init_seed`` the weights (module docstring, "Seeds").
+    """
 
     def __init__(
         self,
@@ -74,6 +81,8 @@ class MlpMixer(MixerSurface):
         mixing_layers: int = 2,
         permutation: Literal["identity", "random"] = "identity",
         seed: int = 0,
+        perm_seed: int | None = None,
+        init_seed: int | None = None,
         drop_path_rate: float = 0.0,
         drop_path_schedule: Literal["linear", "uniform"] = "linear",
         drop_path_rescale: bool = True,
@@ -104,11 +113,12 @@ class MlpMixer(MixerSurface):
         act = resolve_act_layer(act_layer)
         norm_layer = partial(LayerNorm, eps=ln_eps) if norm else None
         rates = drop_path_rates(drop_path_rate, depth, drop_path_schedule)
+        perm_seed = seed if perm_seed is None else perm_seed
         self.blocks = nn.Sequential(
             *[
                 MixerBlock(
                     S, dim, self.token_hidden, self.channel_hidden, act, norm_layer, residual, outer_act,
-                    rates[i], drop_path_rescale, permutation, _layer_seeds(seed, i), **fk,
+                    rates[i], drop_path_rescale, permutation, layer_seeds(perm_seed, i, 2), **fk,
                 )
                 for i in range(depth)
             ]
@@ -116,26 +126,31 @@ class MlpMixer(MixerSurface):
         self.norm = LayerNorm(dim, eps=ln_eps, **fk)
         self.head = nn.Linear(dim, num_classes, **fk) if num_classes > 0 else nn.Identity()
         self.grad_checkpointing = False
-        self.init_weights(init_mode, head_bias)
+        self.init_weights(init_mode, head_bias, seed=init_seed)
 
     # ---------------------------------------------------------------------------------------------- init
-    def init_weights(self, mode: InitMode = "mixer", head_bias: float = 0.0) -> None:
-        """Re-initialise every parameter (see the module docstring for the modes)."""
+    def init_weights(self, mode: InitMode = "mixer", head_bias: float = 0.0, seed: int | None = None) -> None:
+        """Re-initialise every parameter (see the module docstring for the modes).
+
+        ``seed``: draw the weights from a generator seeded with it (the constructor's ``init_seed``), in module
+        order; ``None`` draws from the global RNG.
+        """
         if mode not in ("mixer", "jax", "gaussian"):
             raise ValueError(f"unknown init_mode {mode!r}; valid: mixer, jax, gaussian")
+        g = init_generator(seed)
         with torch.no_grad():
             for name, m in self.named_modules():
                 if isinstance(m, PermutedKronLinear):
                     if mode == "mixer":
-                        nn.init.xavier_uniform_(m.weight)
+                        draw_(m.weight, nn.init.xavier_uniform_, g)
                     elif mode == "jax":
-                        lecun_normal_(m.weight)
+                        draw_(m.weight, lecun_normal_, g)
                     else:
-                        nn.init.normal_(m.weight, std=1.0 / math.sqrt(m.in_block))
+                        draw_(m.weight, nn.init.normal_, g, std=1.0 / math.sqrt(m.in_block))
                     if m.bias is not None:
-                        nn.init.normal_(m.bias, std=1e-6) if mode == "mixer" else nn.init.zeros_(m.bias)
+                        draw_(m.bias, nn.init.normal_, g, std=1e-6) if mode == "mixer" else nn.init.zeros_(m.bias)
                 elif isinstance(m, nn.Conv2d):
-                    lecun_normal_(m.weight)
+                    draw_(m.weight, lecun_normal_, g)
                     nn.init.zeros_(m.bias)
                 elif isinstance(m, nn.LayerNorm):
                     nn.init.ones_(m.weight)
@@ -152,39 +167,17 @@ def _width(expansion: float, n: int, what: str) -> int:
     return w
 
 
-def _layer_seeds(seed: int, block: int) -> tuple[int, int]:
-    """Independent permutation seeds per (model seed, block, axis), apart from the weight-init RNG."""
-    a, b = np.random.SeedSequence([int(seed), int(block)]).generate_state(2)
-    return int(a) >> 2, int(b) >> 2
-
-
 # ------------------------------------------------------------------------------------------------ registry
-_MIXER_KWARGS = set(MlpMixer.__init__.__code__.co_varnames[1 : MlpMixer.__init__.__code__.co_argcount])
-
-
-def _build(variant: dict[str, Any], kwargs: dict[str, Any], name: str) -> MlpMixer:
-    unknown = sorted(set(kwargs) - _MIXER_KWARGS)
-    if unknown:
-        raise TypeError(f"model {name!r} got unknown keyword argument(s) {unknown}; valid: {sorted(_MIXER_KWARGS)}")
-    return MlpMixer(**{**variant, **kwargs})
-
-
 _S_MIXER = {"norm": False, "residual": False, "outer_act": True, "mixing_layers": 1}
 _RP = {"permutation": "random"}
 
 
-def _register(name: str, variant: dict[str, Any], doc: str) -> None:
-    def fn(**kwargs: Any) -> MlpMixer:
-        return _build(variant, kwargs, name)
-
-    fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = doc
-    fn.preset = dict(variant)  # type: ignore[attr-defined]
-    register_model(fn)
+def _register(name: str, preset: dict[str, Any], doc: str) -> None:
+    register_preset(name, MlpMixer, preset, doc)
 
 
 _register("mixer", {}, "MLP-Mixer; sizes from keyword arguments (defaults: 32 px, patch 4, C=128, depth 8).")
-_register("s_mixer", _S_MIXER, "S-Mixer (PAPER.md (3)): no LayerNorm, no skip, one matrix per mixing step.")
+_register("s_mixer", _S_MIXER, "S-Mixer (docs/theory.md (3)): no LayerNorm, no skip, one matrix per mixing step.")
 _register("rp_mixer", _RP, "RP-Mixer: the Mixer with fixed random permutations around every mixing MLP.")
 _register("rp_s_mixer", {**_S_MIXER, **_RP}, "RP S-Mixer: the S-Mixer with fixed random permutations.")
 
@@ -202,7 +195,7 @@ _PRESETS: dict[str, tuple[dict[str, Any], str]] = {
 }
 _PRESETS["mixer_b_w"] = (
     {**_IMAGENET, **_SIZES["b"], "patch_size": 14, "dim": 588},
-    "Mixer-B-W (PAPER.md E9): S = 256 (patch 14 on 224 px), C = 588, so m = S*C = 150,528 as in Mixer-B/16. "
+    "Mixer-B-W (docs/theory.md E9): S = 256 (patch 14 on 224 px), C = 588, so m = S*C = 150,528 as in Mixer-B/16. "
     "Choice (the paper does not give them): D_S = 384, D_C = 3072 as in B/16, so Omega = m (D_S + D_C)/2 is "
     "exactly B/16's.",
 )
@@ -213,7 +206,7 @@ _PRESETS["mixer_cifar_nano"] = (
 )
 _PRESETS["mixer_cifar_s64"] = (
     {**_CIFAR, "patch_size": 4, "dim": 64, "depth": 8, "token_expansion": 2.0, "channel_expansion": 2.0},
-    "The widest Mixer at Omega = 2^19, gamma = 2 on CIFAR (PAPER.md §3.6, E2): S = C = 64, depth 8.",
+    "The widest Mixer at Omega = 2^19, gamma = 2 on CIFAR (docs/theory.md §3.6, E2): S = C = 64, depth 8.",
 )
 for _name, (_variant, _doc) in _PRESETS.items():
     _register(_name, _variant, _doc)

@@ -1,50 +1,62 @@
-"""Shallow MLPs with Monarch or Kronecker weights: the E4 comparison (PAPER.md §3.8, E4).
+"""Shallow MLPs with Monarch or Kronecker weights: the E4 comparison (docs/theory.md §3.8, E4).
 
 Papers:
     Dao et al., "Monarch: Expressive Structured Matrices for Efficient and Accurate Training", ICML 2022.
     Hayase & Karakida, "Understanding MLP-Mixer as a Wide and Sparse MLP", ICML 2024, arXiv:2306.01470.
 
-The image is the matrix ``X`` of shape ``(S, C) = (H, W * in_chans)`` (PAPER.md E4 [choice]: on MNIST
+The image is the matrix ``X`` of shape ``(S, C) = (H, W * in_chans)`` (docs/theory.md E4 [choice]: on MNIST
 ``S = C = b = 28``, ``n = 784``; digits is 8x8, ``b = 8``), and the network acts on ``x = vec X`` (column-major):
 
     x -> act(M_1 x + b_1) -> ... -> act(M_depth x + b_depth) -> head (linear, n -> num_classes)
 
 * ``monarch_mlp``: every ``M`` a free Monarch matrix ``P L P^T R`` (:class:`~widesparse.layers.monarch.MonarchLinear`,
   ``C`` blocks of ``R``, ``S`` blocks of ``L``; ``2 b^3`` weights at ``S = C = b``) with a full bias.
-* ``kron_mlp``: every ``M = V^T ⊗ W`` with tied blocks, the linear S-Mixer layer ``vec(W X V)`` (PAPER.md (4),
-  (13); :class:`~widesparse.layers.monarch.TiedMonarchLinear`, ``2 b^2`` weights) with the S-Mixer's token and channel
-  biases.
+* ``kron_mlp``: every ``M = V^T ⊗ W`` with tied blocks, the linear S-Mixer layer ``vec(W X V)`` (docs/theory.md
+  (4), (13); :class:`~widesparse.layers.monarch.TiedMonarchLinear`, ``2 b^2`` weights) with the S-Mixer's token and
+  channel biases.
 
 The activation acts only between layers: inside ``M`` the two steps are linear ("inner linear, outer GELU",
-PAPER.md §6.2). ``nblocks`` sets ``C`` (default ``W * in_chans``), so ``X`` is ``vec X`` read as an
+docs/theory.md §6.2). ``nblocks`` sets ``C`` (default ``W * in_chans``), so ``X`` is ``vec X`` read as an
 ``(n / nblocks, nblocks)`` matrix. ``patch_size`` is accepted (the train loop passes every data set's default)
 and ignored: these models see pixels, not patches.
+
+Seeds: the weights are the only random draw. ``init_seed`` (or, when it is ``None``, ``seed``) draws them all from
+one generator seeded with it, independent of the global RNG; with both ``None`` they come from the global RNG.
+The model surface (head, intermediates, checkpointing) is :class:`~widesparse.models.surface.ModelSurface`'s, on the
+stream ``vec X`` ``(B, n)``; ``forward_head`` pools by ``vec``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from widesparse.layers.activation import resolve_act_layer
 from widesparse.layers.monarch import MonarchLinear, TiedMonarchLinear
 from widesparse.layers.patch_embed import to_2tuple
 from widesparse.linalg import unvec, vec
-from widesparse.models.base import collect_intermediates
-from widesparse.models.registry import register_model
+from widesparse.models.registry import register_preset
+from widesparse.models.seeds import init_generator
+from widesparse.models.surface import ModelSurface, Step
 
 __all__ = ["MonarchMlp"]
 
 LayerKind = Literal["monarch", "kron"]
 
 
-class MonarchMlp(nn.Module):
-    """``depth`` layers ``x -> act(M x + b)`` on ``x = vec X`` (``M`` Monarch or ``V^T ⊗ W``), then a linear head."""
+class MonarchMlp(ModelSurface):
+    """``depth`` layers ``x -> act(M x + b)`` on ``x = vec X`` (``M`` Monarch or ``V^T ⊗ W``), then a linear head.
+
+    Images ``(B, in_chans, H, W)`` -> logits ``(B, num_classes)``; ``init_seed``/``seed`` fix the weights.
+    """
+
+    _intermediates_what = "layers"
 
     def __init__(
         self,
@@ -58,6 +70,7 @@ class MonarchMlp(nn.Module):
         bias: bool = True,
         patch_size: Any = None,
         seed: int | None = None,
+        init_seed: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -87,7 +100,7 @@ class MonarchMlp(nn.Module):
         self.act = resolve_act_layer(act_layer)()
         self.norm = nn.Identity()  # no normalisation; kept so that generic code can call model.norm(features)
         self.head: nn.Module = nn.Linear(n, self.num_classes, **fk) if num_classes > 0 else nn.Identity()
-        self.init_weights(seed)
+        self.init_weights(seed if init_seed is None else init_seed)
 
     # ---------------------------------------------------------------------------------------------- init
     def init_weights(self, seed: int | None = None) -> None:
@@ -96,7 +109,7 @@ class MonarchMlp(nn.Module):
         ``seed`` draws everything from a dedicated generator (reproducible whatever the global RNG); ``None``
         uses the global RNG.
         """
-        g = None if seed is None else torch.Generator().manual_seed(int(seed))
+        g = init_generator(seed)
         for layer in self.layers:
             layer.reset_parameters(g)
         if isinstance(self.head, nn.Linear) and self.head.weight.device.type != "meta":
@@ -106,19 +119,8 @@ class MonarchMlp(nn.Module):
                     t.copy_(torch.empty(t.shape, dtype=t.dtype).uniform_(-bound, bound, generator=g))
 
     # ------------------------------------------------------------------------------------------- surface
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head (``num_classes=0``: no head, features out)."""
-        p = next(self.layers[0].parameters())
-        self.num_classes = num_classes
-        self.head = (
-            nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype)
-            if num_classes
-            else (nn.Identity())
-        )
-
-    def feature_names(self) -> list[str]:
-        """Names of the ``depth`` layers whose outputs :meth:`forward_intermediates` returns."""
-        return [f"layers.{i}" for i in range(len(self.layers))]
+    def _init_head(self, head: nn.Linear) -> None:
+        """A new head keeps ``nn.Linear``'s init (``U(±1/√n)``, global RNG), as :meth:`init_weights` draws it."""
 
     def to_vec(self, images: Tensor) -> Tensor:
         """Images ``(B, in_chans, H, W)`` -> ``vec X`` ``(B, n)`` with ``X[h, w*in_chans + ch] = image[ch, h, w]``."""
@@ -131,66 +133,32 @@ class MonarchMlp(nn.Module):
     def _layer(self, i: int, x: Tensor) -> Tensor:
         return self.act(self.layers[i](x))
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Images -> the last layer's output as a matrix ``(B, S, C)`` (``unvec`` of the hidden vector)."""
-        h = self.to_vec(x)
-        for i in range(len(self.layers)):
-            h = self._layer(i, h)
+    def _embed(self, x: Tensor) -> Tensor:
+        return self.to_vec(x)
+
+    def _steps(self) -> list[tuple[str, Step]]:
+        """The ``depth`` layers ``layers.{i}`` (each output after the activation)."""
+        return [(f"layers.{i}", partial(self._layer, i)) for i in range(len(self.layers))]
+
+    def _as_tokens(self, h: Tensor) -> Tensor:
+        """``vec X`` ``(B, n)`` -> ``X`` ``(B, S, C)``."""
         return unvec(h, self.num_tokens, self.dim)
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """``vec`` of the features ``(B, S, C)`` (or already ``(B, n)``) then the head (``pre_logits`` stops before)."""
-        h = vec(x) if x.ndim == 3 else x
-        return h if pre_logits else self.head(h)
+    def _pool(self, x: Tensor) -> Tensor:
+        """Features ``(B, S, C)`` (or already ``(B, n)``) -> ``vec`` ``(B, n)``: the head sees every pixel."""
+        return vec(x) if x.ndim == 3 else x
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: Literal["NLC", "vec"] = "NLC",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """Every layer's output (after the activation), as the Mixer's method (same arguments).
-
-        ``indices``: ``None`` all, an int ``n`` for the last ``n``, or a list (negative allowed) into
-        :meth:`feature_names`. ``output_fmt="NLC"`` gives ``(B, S, C)``, ``"vec"`` gives ``(B, n)``. ``norm`` is
-        accepted for the common signature and changes nothing: this model has no normalisation.
-        """
-        if output_fmt not in ("NLC", "vec"):
-            raise ValueError(f"output_fmt must be 'NLC' or 'vec', got {output_fmt!r}")
-        steps = [partial(self._layer, i) for i in range(len(self.layers))]
-
-        def as_matrix(h: Tensor) -> Tensor:
-            return unvec(h, self.num_tokens, self.dim)
-
-        feature = (lambda h: h) if output_fmt == "vec" else as_matrix
-        return collect_intermediates(steps, self.to_vec(x), indices, stop_early, intermediates_only, feature,
-                                     as_matrix, what="layers")
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images -> the last layer's output as a matrix ``(B, S, C)`` (``unvec`` of the hidden vector)."""
+        h = self._embed(x)
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        for _, step in self._steps():
+            h = checkpoint(step, h, use_reentrant=False) if ckpt else step(h)
+        return self._as_tokens(h)
 
 
 # ------------------------------------------------------------------------------------------------ registry
-_KWARGS = set(MonarchMlp.__init__.__code__.co_varnames[1 : MonarchMlp.__init__.__code__.co_argcount]) - {"layer"}
-
-
-def _build(layer: LayerKind, kwargs: dict[str, Any], name: str) -> MonarchMlp:
-    unknown = sorted(set(kwargs) - _KWARGS)
-    if unknown:
-        raise TypeError(f"model {name!r} got unknown keyword argument(s) {unknown}; valid: {sorted(_KWARGS)}")
-    return MonarchMlp(layer=layer, **kwargs)
-
-
-@register_model
-def monarch_mlp(**kwargs: Any) -> MonarchMlp:
-    """E4: MLP with free Monarch weights ``P L P^T R`` on ``vec X`` (default 28x28, 2 layers, GELU, linear head)."""
-    return _build("monarch", kwargs, "monarch_mlp")
-
-
-@register_model
-def kron_mlp(**kwargs: Any) -> MonarchMlp:
-    """E4: MLP with tied Kronecker weights ``V^T ⊗ W`` (linear S-Mixer layers, PAPER.md (13)) on ``vec X``."""
-    return _build("kron", kwargs, "kron_mlp")
+register_preset("monarch_mlp", MonarchMlp, {}, "E4: MLP with free Monarch weights ``P L P^T R`` on ``vec X`` "
+                "(default 28x28, 2 layers, GELU, linear head).", fixed={"layer": "monarch"})
+register_preset("kron_mlp", MonarchMlp, {}, "E4: MLP with tied Kronecker weights ``V^T ⊗ W`` (linear S-Mixer "
+                "layers, docs/theory.md (13)) on ``vec X``.", fixed={"layer": "kron"})

@@ -1,9 +1,9 @@
-"""SW-MLP (static sparse-weight MLP) and the dense MLP on ``vec X``, arranged like the Mixer (PAPER.md §4.2).
+"""SW-MLP (static sparse-weight MLP) and the dense MLP on ``vec X``, arranged like the Mixer (docs/theory.md §4.2).
 
 Golubeva, Neyshabur & Gur-Ari, "Are wider nets better given the same number of parameters?", ICLR 2021
 (official code: google-research/wide-sparse-nets); Hayase & Karakida, ICML 2024, arXiv:2306.01470.
 
-Architecture [choice, PAPER.md §4.2]: the Mixer's patch embedding ``(B, in_chans, H, W) -> X (B, S, C)``, then
+Architecture [choice, docs/theory.md §4.2]: the Mixer's patch embedding ``(B, in_chans, H, W) -> X (B, S, C)``, then
 ``depth`` blocks of two masked MLPs on ``x = vec X`` (column-major, width ``m = S*C``), each ``m -> γm -> m``
 with the activation between, placed where the Mixer has its token and its channel MLP, with the Mixer's
 pre-norm residual arrangement:
@@ -15,7 +15,7 @@ normalises over all m features; ``norm=None`` has none. Then the final LayerNorm
 linear head, as in the Mixer (dense, not counted in Ω). Blocks have the Mixer's attribute names
 (``norm1``, ``mlp_tokens``, ``norm2``, ``mlp_channels``), so ``widesparse.effective.to_wide_mlp`` applies as is.
 
-Sizes (PAPER.md (10)): S comes from ``image_size``/``patch_size``; hidden widths ``γ_t m`` (token position) and
+Sizes (docs/theory.md (10)): S comes from ``image_size``/``patch_size``; hidden widths ``γ_t m`` (token position) and
 ``γ_c m`` (channel position). Exactly one way to fix C and p:
 
 * matched to a Mixer (default, or ``match="mixer"``): C = ``dim``, so m = SC; ``token_hidden``/``channel_hidden``
@@ -28,20 +28,22 @@ Sizes (PAPER.md (10)): S comes from ``image_size``/``patch_size``; hidden widths
 ``gamma`` sets γ_t = γ_c; otherwise ``token_expansion``/``channel_expansion`` (default 2 and 4, as the Mixer).
 ``backend="sparse"`` (default) stores connections only (:class:`~widesparse.layers.sparse.SparseLinear`),
 ``"masked"`` a dense weight times a mask. ``mlp`` is the dense MLP: the same model at p = 1.
+
+Seeds (:mod:`widesparse.models.seeds`): ``seed`` fixes the masks only, as does ``mask_seed``, which overrides it.
+The weights come from the global torch RNG unless ``init_seed`` is given; then from a generator seeded with it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from widesparse.budget import density as mixer_density
+from widesparse.budget import sw_mlp_width
 from widesparse.layers.activation import resolve_act_layer
 from widesparse.layers.drop import DropPath, drop_path_rates
 from widesparse.layers.init import lecun_normal_
@@ -50,7 +52,8 @@ from widesparse.layers.patch_embed import PatchEmbed
 from widesparse.layers.sparse import InitRule, MaskedLinear, MaskKind, SparseLinear
 from widesparse.models.base import MixerSurface
 from widesparse.models.blocks import TwoSublayerBlock
-from widesparse.models.registry import register_model
+from widesparse.models.registry import register_preset
+from widesparse.models.seeds import draw_, init_generator, layer_seeds
 
 __all__ = ["SwMlp", "SparseMlp", "SwBlock", "resolve_sw_sizes", "SwSizes"]
 
@@ -144,7 +147,7 @@ def resolve_sw_sizes(
             raise ValueError("with omega give exactly one of density (then m = sqrt(omega/(gamma p))) or width "
                              f"(then p = omega/(gamma m^2)); got density={density}, width={width}")
         if density is not None:
-            m_real = math.sqrt(float(omega) / (g_mean * float(density)))
+            m_real = sw_mlp_width(omega, g_mean, density)
             C = round(m_real / S)
             if dim is not None and dim != C:
                 raise ValueError(f"omega={omega:g} and density={density:g} give C = {C}, but dim = {dim}; give one")
@@ -189,7 +192,10 @@ def _hidden_int(v: Any, name: str) -> int:
 
 
 class SwMlp(MixerSurface):
-    """SW-MLP on images: patch embedding, ``depth`` blocks of two masked MLPs on vec X, LN, token mean, head."""
+    """SW-MLP on images: patch embedding, ``depth`` blocks of two masked MLPs on vec X, LN, token mean, head.
+
+    ``seed``/``mask_seed`` fix the masks, ``init_seed`` the weights (module docstring, "Seeds").
+    """
 
     def __init__(
         self, num_classes: int = 10, image_size: int | tuple[int, int] = 32, patch_size: int | tuple[int, int] = 4,
@@ -198,7 +204,8 @@ class SwMlp(MixerSurface):
         match: str | None = None, token_expansion: float | None = None, channel_expansion: float | None = None,
         token_hidden: int | None = None, channel_hidden: int | None = None, backend: Backend = "sparse",
         mask: MaskKind = "bernoulli", init: InitRule = "golubeva", act_layer: str | Callable[[], nn.Module] = "gelu",
-        norm: NormKind = "token", seed: int = 0, drop_path_rate: float = 0.0,
+        norm: NormKind = "token", seed: int = 0, mask_seed: int | None = None, init_seed: int | None = None,
+        drop_path_rate: float = 0.0,
         drop_path_schedule: Literal["linear", "uniform"] = "linear", drop_path_rescale: bool = True,
         head_bias: float = 0.0, ln_eps: float = 1e-6, device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -221,66 +228,44 @@ class SwMlp(MixerSurface):
         self.stem = PatchEmbed(image_size, patch_size, in_chans, C, **fk)
         self.num_tokens, self.dim, self.num_features, self.num_classes = S, C, C, num_classes
         self.width, self.density, self.backend = S * C, self.sizes.p, backend
-        layer = partial(_BACKENDS[backend], density=self.sizes.p, mask=mask, init=init, **fk)
+        g = init_generator(init_seed)
+        layer = partial(_BACKENDS[backend], density=self.sizes.p, mask=mask, init=init, generator=g, **fk)
         ln = partial(LayerNorm, eps=ln_eps, **fk)
         norm_layer = None if norm is None else partial(ln, C) if norm == "token" else partial(ln, (S, C))
         act = resolve_act_layer(act_layer)
         rates = drop_path_rates(drop_path_rate, depth, drop_path_schedule)
         self.blocks = nn.Sequential(*[
             SwBlock(S, C, self.sizes.hidden, layer, act, norm_layer, rates[i], drop_path_rescale,
-                    _layer_seeds(seed, i))
+                    layer_seeds(seed if mask_seed is None else mask_seed, i, 4, 7))
             for i in range(depth)
         ])
         self.norm = ln(C)
         self.head = nn.Linear(C, num_classes, **fk) if num_classes > 0 else nn.Identity()
         self.grad_checkpointing = False
-        self._init_rest(head_bias)
+        self._init_rest(head_bias, g)
 
-    def _init_rest(self, head_bias: float) -> None:
+    def _init_rest(self, head_bias: float, generator: torch.Generator | None = None) -> None:
         """Mixer init outside the masked layers: LeCun-normal stem, LayerNorm 1/0, zero head (bias ``head_bias``)."""
         with torch.no_grad():
             if self.stem.proj.weight.is_meta:
                 return
-            lecun_normal_(self.stem.proj.weight)
+            draw_(self.stem.proj.weight, lecun_normal_, generator)
             nn.init.zeros_(self.stem.proj.bias)
             if isinstance(self.head, nn.Linear):
                 nn.init.zeros_(self.head.weight)
                 nn.init.constant_(self.head.bias, head_bias)
 
 
-def _layer_seeds(seed: int, block: int) -> tuple[int, int, int, int]:
-    """Independent mask seeds per (model seed, block, layer), apart from the weight-init RNG."""
-    return tuple(int(s) >> 2 for s in np.random.SeedSequence([int(seed), int(block), 7]).generate_state(4))
-
-
 # ------------------------------------------------------------------------------------------------ registry
-_SW_KWARGS = set(SwMlp.__init__.__code__.co_varnames[1 : SwMlp.__init__.__code__.co_argcount
-                                                      + SwMlp.__init__.__code__.co_kwonlyargcount])
-
-
-def _build(name: str, preset: dict[str, Any], kwargs: dict[str, Any]) -> SwMlp:
-    unknown = sorted(set(kwargs) - _SW_KWARGS)
-    if unknown:
-        raise TypeError(f"model {name!r} got unknown keyword argument(s) {unknown}; valid: {sorted(_SW_KWARGS)}")
-    if name == "mlp" and kwargs.get("density", 1.0) != 1.0:
+def _dense_only(kwargs: dict[str, Any]) -> None:
+    if kwargs.get("density", 1.0) != 1.0:
         raise ValueError(f"mlp is the dense MLP (density 1); got density={kwargs['density']}: use sw_mlp")
-    return SwMlp(**{**preset, **kwargs})
 
 
-@register_model
-def sw_mlp(**kwargs: Any) -> SwMlp:
-    """SW-MLP (PAPER.md §4.2): masked MLPs m -> γm -> m on vec X in the Mixer's arrangement; default backend sparse.
-
-    Default: matched to the Mixer with the same ``image_size``, ``patch_size``, ``dim`` (m = SC, equal Ω).
-    """
-    return _build("sw_mlp", {}, kwargs)
-
-
-@register_model
-def mlp(**kwargs: Any) -> SwMlp:
-    """The dense MLP on vec X: the SW-MLP at density 1 (dense layers, no mask)."""
-    return _build("mlp", mlp.preset, kwargs)  # type: ignore[attr-defined]
-
-
-sw_mlp.preset = {}  # type: ignore[attr-defined]
-mlp.preset = {"density": 1.0, "backend": "masked"}  # type: ignore[attr-defined]
+register_preset(
+    "sw_mlp", SwMlp, {},
+    "SW-MLP (docs/theory.md §4.2): masked MLPs m -> γm -> m on vec X in the Mixer's arrangement; default backend "
+    "sparse.\n\nDefault: matched to the Mixer with the same ``image_size``, ``patch_size``, ``dim`` (m = SC, equal Ω).",
+)
+register_preset("mlp", SwMlp, {"density": 1.0, "backend": "masked"},
+                "The dense MLP on vec X: the SW-MLP at density 1 (dense layers, no mask).", check=_dense_only)
