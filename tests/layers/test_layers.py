@@ -434,7 +434,6 @@ def test_mixing_mlp_structure(S, C, axis, hidden):
     assert plain.fc1.out_features == h * k and plain.layers[-1].out_features == S * C
     # docs/theory.md §4.3: J_1 on the input of the first map, J_2 on the output of the last; none in between
     assert all(layer.perm_in is None and layer.perm_out is None for layer in plain.layers)
-    assert plain.idx_in is None and plain.idx_out is None
     assert rp.layers[0].perm_in is not None and rp.layers[-1].perm_out is not None
     if hidden is not None:
         assert rp.fc1.perm_out is None and rp.fc2.perm_in is None
@@ -465,27 +464,25 @@ def test_mixing_mlp_gradients_match_vec_space(S, C, axis, hidden):
 @pytest.mark.parametrize("S,C", MLP_SHAPES)
 @pytest.mark.parametrize("axis", ["token", "channel"])
 @pytest.mark.parametrize("hidden", HIDDEN)
-def test_mixing_mlp_load_state_dict_refreshes_gather_indices(S, C, axis, hidden):
+def test_mixing_mlp_load_state_dict_takes_the_permutations(S, C, axis, hidden):
     a = make_mlp(axis, S, C, hidden, "random", seed=0)
     b = make_mlp(axis, S, C, hidden, "random", seed=17)
     X = randn(2, S, C, seed=15)
-    assert not torch.equal(b.idx_in, a.idx_in)
+    assert not torch.equal(b.fc1.perm_in, a.fc1.perm_in)
     b.load_state_dict(a.state_dict())
-    assert torch.equal(b.idx_in, a.idx_in) and torch.equal(b.idx_out, a.idx_out)
+    assert torch.equal(b.fc1.perm_in, a.fc1.perm_in) and torch.equal(b.layers[-1].perm_out, a.layers[-1].perm_out)
     assert torch.equal(b(X), a(X))
     torch.testing.assert_close(b(X), mlp_matrix_oracle(a, X), **TOL)
 
 
-def test_mixing_mlp_manual_refresh_after_buffer_copy():
+def test_mixing_mlp_buffer_copy_takes_effect_at_once():
     a = make_mlp("channel", 3, 5, 7, "random", seed=0)
     b = make_mlp("channel", 3, 5, 7, "random", seed=9)
     X = randn(2, 3, 5, seed=16)
     with torch.no_grad():
         for name, t in a.state_dict().items():
             b.get_parameter(name).copy_(t) if name.endswith(("weight", "bias")) else b.get_buffer(name).copy_(t)
-    assert not torch.allclose(b(X), a(X))  # stale gather indices
-    b.refresh_gather_indices()
-    assert torch.equal(b(X), a(X))
+    assert torch.equal(b(X), a(X))  # no derived gather tables to refresh
 
 
 def test_mixer_block_load_state_dict_refreshes_nested_mixing_mlps():

@@ -96,7 +96,7 @@ def _token_bias_is_dead(model: torch.nn.Module) -> bool:
     from widesparse.models.blocks import MixingMlp
 
     blk = model.blocks[0]
-    plain = isinstance(blk.mlp_tokens, MixingMlp) and blk.mlp_tokens.idx_out is None
+    plain = isinstance(blk.mlp_tokens, MixingMlp) and blk.mlp_tokens.layers[-1].perm_out is None
     return plain and isinstance(blk.norm2, torch.nn.LayerNorm) and blk.residual
 
 

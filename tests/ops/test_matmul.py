@@ -110,3 +110,22 @@ def test_cpu_low_precision_and_the_early_autocast_cast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         (g,) = torch.autograd.grad(autocast_input(x).float().sum(), x)
     assert g.dtype == torch.float32 and torch.equal(g, torch.ones_like(x))
+
+
+def test_a_routers_onednn_decision_is_taken_as_given(monkeypatch):
+    """``onednn=True/False`` (the Mixer router's decision) overrides the size and thread checks; a non-contiguous
+    or mismatched input still goes to F.linear. ``onednn_route`` is ``use_onednn`` without a tensor."""
+    import widesparse.ops.matmul as matmul
+
+    calls = []
+    real = F.conv2d
+    monkeypatch.setattr(matmul.F, "conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, w, b = torch.randn(4, 3), torch.randn(2, 3), torch.randn(2)
+    assert not use_onednn(x, 2)  # far below MIN_MACS
+    assert torch.allclose(linear_last(x, w, b, onednn=True), F.linear(x, w, b), atol=1e-6) and calls == [1]
+    assert torch.equal(linear_last(x, w, b, onednn=False), F.linear(x, w, b)) and calls == [1]
+    assert torch.equal(linear_last(x.t().contiguous().t(), w, b, onednn=True), F.linear(x, w, b)) and calls == [1]
+    assert torch.allclose(linear_first(w, x.t().contiguous(), b, onednn=True), w @ x.t() + b[:, None], atol=1e-6)
+    big = matmul.MIN_MACS
+    assert matmul.onednn_route("cpu", torch.float32, big, 1) == use_onednn(torch.empty(big), 1)
+    assert not matmul.onednn_route("cpu", torch.float64, big, 1) and not matmul.onednn_route("cuda", torch.float32, big)

@@ -1,14 +1,16 @@
-"""The permuted-Kronecker (PK) layer ``x -> J_2 ((I_k ⊗ A) J_1 x + 1_k ⊗ b)`` of PAPER.md (14).
+"""The permuted-Kronecker (PK) layer ``x -> J_2 ((I_k ⊗ A) J_1 x + 1_k ⊗ b)`` of docs/theory.md (14).
 
 ``A`` is a small dense ``(p, q)`` matrix shared by ``k`` blocks. Two block arrangements:
 
 * ``blocks="contiguous"``: ``I_k ⊗ A``. On ``x = vec X`` with ``X`` of shape ``(q, k)`` this is ``vec(A X)``:
-  the Mixer's token mixing with ``k = C`` (PAPER.md (5)).
+  the Mixer's token mixing with ``k = C`` (docs/theory.md (5)).
 * ``blocks="interleaved"``: ``A ⊗ I_k = K_{p,k} (I_k ⊗ A) K_{k,q}``. On ``x = vec X`` with ``X`` of shape
-  ``(k, q)`` this is ``vec(X A^T)``: the Mixer's channel mixing with ``k = S`` and ``A = V^T`` (PAPER.md (6)).
+  ``(k, q)`` this is ``vec(X A^T)``: the Mixer's channel mixing with ``k = S`` and ``A = V^T`` (docs/theory.md (6)).
 
 ``J_1``/``J_2`` (``perm_in``/``perm_out``) are optional fixed permutations: ``None`` (identity), or random
 (seeded, uniform, stored as persistent int64 buffers so they travel with the state dict): the RP-Mixer.
+Loading a state dict checks them: a ``perm_in``/``perm_out`` that is not a permutation of ``arange(n)``, or one
+given to a layer built without permutations, is refused with the buffer's key named.
 Nothing here builds a Kronecker product; :meth:`effective_weight` does, for the oracle.
 """
 
@@ -33,7 +35,7 @@ from widesparse.linalg import (
     random_perm,
 )
 
-__all__ = ["PermutedKronLinear", "PermSpec"]
+__all__ = ["PermutedKronLinear", "PermSpec", "perm_problem"]
 
 PermSpec = Literal["identity", "random"] | Tensor | None
 Blocks = Literal["contiguous", "interleaved"]
@@ -93,7 +95,35 @@ class PermutedKronLinear(StructuredLinear):
             bound = 1 / math.sqrt(self.in_block)
             nn.init.uniform_(self.bias, -bound, bound)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Refuse a ``perm_in``/``perm_out`` that is no permutation of ``arange(n)`` of this layer's length, and one
+        given to a layer without permutations (or ``None`` for one with), naming the key; nothing is loaded then."""
+        problems = []
+        for name, n in (("perm_in", self.in_features), ("perm_out", self.out_features)):
+            key = prefix + name
+            if key not in state_dict:
+                continue
+            value, mine = state_dict[key], getattr(self, name)
+            if value is None and mine is None:
+                continue
+            if mine is None:
+                problems.append(f"{key}: the state dict has a permutation but this layer has none (identity); "
+                                "build the model with permutation='random' to load it")
+            elif value is None:
+                problems.append(f"{key}: the state dict has none (identity) but this layer has a permutation")
+            else:
+                problem = perm_problem(value, n)
+                if problem is not None:
+                    problems.append(f"{key}: {problem}")
+        if problems:
+            error_msgs.extend(problems)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def forward(self, x: Tensor) -> Tensor:
+        """``J_2 (B J_1 x + bias)`` on ``x`` of shape ``(..., in_features)`` (docs/theory.md (14))."""
         x = apply_perm(x, self.perm_in)
         if self.blocks == "contiguous":
             y = apply_kron_identity(self.weight, x, self.k)
@@ -107,7 +137,7 @@ class PermutedKronLinear(StructuredLinear):
 
     # the PK normal form ---------------------------------------------------------------------------------
     def canonical_perms(self) -> tuple[Tensor | None, Tensor | None]:
-        """``(pi_1, pi_2)`` with this layer equal to ``J_2 (I_k ⊗ A) J_1 x`` + bias (PAPER.md (14)).
+        """``(pi_1, pi_2)`` with this layer equal to ``J_2 (I_k ⊗ A) J_1 x`` + bias (docs/theory.md (14)).
 
         For interleaved blocks the commutations ``K_{k,q}`` and ``K_{p,k}`` are folded into the permutations.
         The bias then enters as ``J_2 (1_k ⊗ b)``: ``apply_perm(kron(ones(k), b), pi_2)``.
@@ -147,6 +177,25 @@ class PermutedKronLinear(StructuredLinear):
             f"A={self.out_block}x{self.in_block}, k={self.k}, blocks={self.blocks}, "
             f"effective={self.out_features}x{self.in_features}, bias={self.bias is not None}{rp}"
         )
+
+
+def perm_problem(perm: object, n: int) -> str | None:
+    """Why ``perm`` is not a permutation of ``arange(n)`` (``None`` where it is, or cannot be checked: meta)."""
+    if not isinstance(perm, Tensor):
+        return f"expected an index tensor, got {type(perm).__name__}"
+    if perm.is_floating_point() or perm.is_complex() or perm.dtype == torch.bool:
+        return f"not an integer index tensor (dtype {perm.dtype})"
+    if perm.dim() != 1:
+        return f"shape {tuple(perm.shape)}, expected ({n},)"
+    if perm.numel() != n:
+        return f"length {perm.numel()}, expected {n}"
+    if perm.is_meta or n == 0:
+        return None
+    if bool((perm < 0).any()) or bool((perm >= n).any()):
+        return f"not a permutation of 0..{n - 1} (values outside 0..{n - 1})"
+    if torch.unique(perm).numel() != n:
+        return f"not a permutation of 0..{n - 1} (has duplicates)"
+    return None
 
 
 def _make_perm(spec: PermSpec, n: int, seed: tuple[int, int], device: torch.device | str | None) -> Tensor | None:

@@ -1,10 +1,10 @@
 """Per-example permutations of an ``(S, C)`` token grid, as gathers on the Mixer's two memory layouts.
 
-The RP-Mixer's ``J_1``/``J_2`` (PAPER.md §4.3) act on every example's row-major ``(S, C)`` positions. On the
-batch-major layout ``(B, S, C)`` that is one gather along the flattened last axes; on the token-major layout
+The RP-Mixer's ``J_1``/``J_2`` (docs/theory.md §4.3) act on every example's row-major ``(S, C)`` positions. On
+the batch-major layout ``(B, S, C)`` that is one gather along the flattened last axes; on the token-major layout
 ``(S, B, C)`` it needs the batch-major view, so the transposed copies are folded into as few passes as
-measured possible. Every function is differentiable through a second gather with the inverse index (no
-scatter-add).
+possible. The gather indices come from :mod:`widesparse.ops.tables`. Every function is differentiable through
+a second gather with the inverse index (no scatter-add).
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ Gather = Callable[[Tensor, Tensor], Tensor]
 
 def gather_bits(x: Tensor, dim: int, index: Tensor) -> Tensor:
     """``torch.gather(x, dim, index)``; 16-bit floats are moved as int16 (pure data movement, the same bits), whose
-    integer gather kernel measured 1.4x faster than the bfloat16 one on CPU.
+    integer gather kernel is faster than the bfloat16 one on CPU.
 
     Under ``torch.compile`` on the CPU it is one opaque call of that kernel: Inductor would otherwise fuse the
-    gather into the neighbouring LayerNorm and GELU kernels as scalar indirect loads, and the compiled RP-Mixer
-    bf16 step took 213 ms against 157 ms eager (CPU, 2 threads).
+    gather into the neighbouring LayerNorm and GELU kernels as scalar indirect loads, which made the compiled
+    RP-Mixer step slower than eager.
     """
     if x.device.type == "cpu" and torch.compiler.is_compiling():
         return _opaque_gather(x, dim, index)
@@ -66,8 +66,8 @@ def _(x: Tensor, dim: int, index: Tensor) -> Tensor:
 
 
 def _gather_last(x: Tensor, idx: Tensor) -> Tensor:
-    # torch.gather with a broadcast (expanded, not copied) index: measured 1.6x (fp32) to 5x (bf16) faster on CPU
-    # than index_select on the last dimension, whose strided column copies are cache-unfriendly.
+    # torch.gather with a broadcast (expanded, not copied) index: faster on CPU than index_select on the last
+    # dimension, whose strided column copies are cache-unfriendly.
     return gather_bits(x, -1, idx.expand(*x.shape[:-1], idx.numel()))
 
 
@@ -90,7 +90,7 @@ def permute_with(x: Tensor, perm: Tensor, inv: Tensor | None, gather: Gather) ->
     """A permutation applied by ``gather(x, perm)``, differentiable through ``gather(grad, inv)``.
 
     ``gather`` must be linear in ``x`` and ``gather(gather(x, perm), inv) == x``; it picks the memory route (e.g.
-    the Mixer's ``(S, B, C)`` layout in :mod:`widesparse.models.blocks`).
+    the Mixer's ``(S, B, C)`` layout in :mod:`widesparse.ops.mixer`).
     """
     return _Permute.apply(x, perm, invert_perm(perm) if inv is None else inv, gather)
 
@@ -137,7 +137,7 @@ class _GatherFromSbc(torch.autograd.Function):
 
 def _gather_sbc(x: Tensor, idx: Tensor) -> Tensor:
     """``y[s, b, c] = x[idx(s, c), b]`` per example on ``(S, B, C)``: one transposed copy in, the broadcast gather,
-    one transposed copy out (the fastest route measured on CPU)."""
+    one transposed copy out (the fastest route on CPU)."""
     S, B, C = x.shape
     y = gather_bits(x.transpose(0, 1).reshape(B, S * C), 1, idx.expand(B, S * C))
     return y.view(B, S, C).transpose(0, 1).contiguous()

@@ -87,9 +87,18 @@ def autocast_input(x: Tensor) -> Tensor:
     return x.to(autocast_dtype(x))
 
 
-def linear_last(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)`` over the last axis of ``x`` (``weight``: ``(out, in)``)."""
-    if not use_onednn(x, weight.shape[0]) or weight.dtype != x.dtype or weight.shape[-1] != x.shape[-1]:
+def _take_onednn(x: Tensor, out_features: int, onednn: bool | None) -> bool:
+    """``onednn`` as decided by a caller's router (``None``: :func:`use_onednn` decides), for a contiguous,
+    non-empty ``x`` (the 1x1 convolution's views need one)."""
+    if onednn is None:
+        return use_onednn(x, out_features)
+    return onednn and x.is_contiguous() and x.numel() > 0
+
+
+def linear_last(x: Tensor, weight: Tensor, bias: Tensor | None = None, onednn: bool | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` over the last axis of ``x`` (``weight``: ``(out, in)``); ``onednn``: take the
+    1x1-convolution route or not, as a router decided (``None``: :func:`use_onednn` decides)."""
+    if not _take_onednn(x, weight.shape[0], onednn) or weight.dtype != x.dtype or weight.shape[-1] != x.shape[-1]:
         return F.linear(x, weight, bias)  # (also the one to say which shapes disagree)
     n_in = x.shape[-1]
     # (..., in) as a channels-last (1, in, M, 1) image: the output comes back channels-last, i.e. (..., out)
@@ -98,9 +107,10 @@ def linear_last(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
 
 
-def linear_first(weight: Tensor, x: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``weight @ x + bias[:, None]`` over the first axis of a 2-D ``x`` (``weight``: ``(out, in)``)."""
-    if not use_onednn(x, weight.shape[0]) or weight.dtype != x.dtype or weight.shape[-1] != x.shape[0]:
+def linear_first(weight: Tensor, x: Tensor, bias: Tensor | None = None, onednn: bool | None = None) -> Tensor:
+    """``weight @ x + bias[:, None]`` over the first axis of a 2-D ``x`` (``weight``: ``(out, in)``); ``onednn`` as
+    in :func:`linear_last`."""
+    if not _take_onednn(x, weight.shape[0], onednn) or weight.dtype != x.dtype or weight.shape[-1] != x.shape[0]:
         return weight @ x if bias is None else torch.addmm(bias.unsqueeze(-1), weight, x)
     # (in, N) is a channels-first 1-D signal of length N: one 1x1 convolution
     return F.conv1d(x.unsqueeze(0), weight.unsqueeze(-1), bias).squeeze(0)
