@@ -47,3 +47,24 @@ def test_the_docs_the_readme_links_exist() -> None:
     readme = (ROOT / "README.md").read_text()
     for link in re.findall(r"\]\((docs/[^)]+)\)", readme):
         assert (ROOT / link).is_file(), link
+
+
+def test_the_before_after_speed_tables_are_the_committed_measurements() -> None:
+    """docs/speed.md quotes benchmarks/results/compare-*.json: each table row's medians are the file's."""
+    import json
+
+    text = (ROOT / "docs" / "speed.md").read_text()
+    names = {"ours vs lucidrains": "ours_vs_lucidrains", "RP-Mixer vs our Mixer": "rp_vs_ours"}
+    files = re.findall(r"`(benchmarks/results/compare-[\w-]+\.json)`", text)
+    assert files, "docs/speed.md quotes no compare-*.json"
+    checked = 0
+    for name in dict.fromkeys(files):
+        data = json.loads((ROOT / name).read_text())
+        section = text.split(name, 1)[1].split("|---", 1)[1].split("\n\n", 1)[0]
+        for prec, label, before, after in re.findall(r"^\| (fp32|bf16) \| ([^|]+?) \| ([\d.]+)x [^|]*\| ([\d.]+)x",
+                                                     section, re.M):
+            key = names[label]
+            assert round(data["medians"]["before"][prec][key]["median"], 3) == float(before), (name, prec, label)
+            assert round(data["medians"]["after"][prec][key]["median"], 3) == float(after), (name, prec, label)
+            checked += 1
+    assert checked >= 6

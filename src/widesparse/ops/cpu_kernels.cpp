@@ -44,8 +44,8 @@ torch::Tensor table_mul_bf16(torch::Tensor grad, torch::Tensor z, torch::Tensor 
   return out;
 }
 
-// out[b, j] = x[b, idx[j]] for 2- or 4-byte elements: four rows per index load (1.7x torch.gather's broadcast-index
-// gather on a (128, 8192) bf16 tensor, 0.105 ms against 0.182)
+// out[b, j] = x[b, idx[j]] for 2- or 4-byte elements: four rows per index load, faster than torch.gather's
+// broadcast-index gather (docs/speed.md)
 template <typename T, typename I>
 static inline void gather_row_block(const T* xp, T* op, const I* ip, int64_t rows, int64_t n, int64_t m) {
   if (rows == 4) {
