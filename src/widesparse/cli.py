@@ -233,15 +233,28 @@ def _cmd_train(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     return 0
 
 
+def _is_run_folder(target: str) -> bool:
+    """Whether ``target`` names a run folder; a path-like name that is no folder is ``no such run folder``."""
+    import os
+    from pathlib import Path
+
+    path = Path(os.path.expanduser(target))
+    if path.is_dir():
+        return True
+    if os.sep in target or "/" in target or target.startswith((".", "~")) or path.exists():
+        raise FileNotFoundError(f"no such run folder: {target}")
+    return False
+
+
 def _model_for(target: str, dataset: str, extra: dict[str, Any], seed: int):
     """A trained model from a run folder, or an untrained registry model sized for ``dataset``."""
-    from pathlib import Path
+    import os
 
     from widesparse.data.datasets import get_dataset_info
     from widesparse.train.engine import TrainConfig, load_run, resolve_model_kwargs
 
-    if Path(target).is_dir():
-        return load_run(target)[0]
+    if _is_run_folder(target):
+        return load_run(os.path.expanduser(target))[0]
     from widesparse.models import create_model
 
     info = get_dataset_info(dataset)
@@ -279,16 +292,17 @@ def _cmd_cka(args: argparse.Namespace, extra: dict[str, Any]) -> int:
 
 
 def _cmd_spectra(args: argparse.Namespace, extra: dict[str, Any]) -> int:
-    from pathlib import Path
+    import os
 
     from widesparse.analysis.spectra import format_spectra, spectra_table
     from widesparse.models import create_model
 
-    if Path(args.target).is_dir():
+    if _is_run_folder(args.target):
         from widesparse.train.engine import init_model, load_run
 
-        trained, _ = load_run(args.target)
-        rows = spectra_table(trained, reference=init_model(args.target), method=args.method)
+        target = os.path.expanduser(args.target)
+        trained, _ = load_run(target)
+        rows = spectra_table(trained, reference=init_model(target), method=args.method)
     else:
         rows = spectra_table(create_model(args.target, **extra), method=args.method)
     print(format_spectra(rows, title=args.target))
@@ -299,7 +313,10 @@ def _cmd_reproduce(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     import os
 
     from widesparse.experiments.reproduce import reproduce
+    from widesparse.train.device import check_device
 
+    if not args.plan and args.device is not None:  # before any run starts (a plan is fine anywhere)
+        check_device(args.device)
     # tiny runs are overhead-bound: one single-threaded run per core; larger runs use all cores each
     cores = os.cpu_count() or 1
     workers = args.workers if args.workers is not None else (min(cores, 8) if args.scale == "tiny" else 1)

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -34,6 +36,7 @@ __all__ = [
     "atomic_write",
     "get_rng_state",
     "load_checkpoint",
+    "read_torch_file",
     "save_checkpoint",
     "set_rng_state",
     "write_json",
@@ -85,15 +88,35 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
     atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **state}, f), mode="wb")
 
 
+def read_torch_file(path: str | os.PathLike[str], what: str = "file", map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with one clear error naming the file and what is wrong with it.
+
+    Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` for an unreadable one: truncated
+    or not a torch file, or holding Python objects that need code to load (widesparse writes only tensors and plain
+    data, and never runs pickled code, so such a file is not one of ours). torch's advice to load with
+    ``weights_only=False`` is never passed on.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    try:
+        with warnings.catch_warnings():  # the unpickler warns about foreign pickle protocols before it fails
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        why = "it holds Python objects that need code to load (widesparse files hold tensors and plain data only)"
+    except (RuntimeError, EOFError, OSError) as e:
+        first = str(e).split(". ")[0].strip()
+        why = f"it is truncated or not a torch file ({type(e).__name__}: {first})"
+    except Exception as e:  # any other way a garbage file fails inside the unpickler
+        why = f"it is not a torch file ({type(e).__name__})"
+    raise CheckpointError(f"{what} {path} cannot be read: {why}")
+
+
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (``weights_only``); clear errors name the file."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a truncated or foreign file: RuntimeError, UnpicklingError, EOFError, ...
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
+    state = read_torch_file(path, "checkpoint", map_location)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path} is not a widesparse checkpoint (format {found!r}, want {CHECKPOINT_FORMAT!r})")

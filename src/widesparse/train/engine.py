@@ -58,6 +58,7 @@ from widesparse.train.checkpoint import (
     write_json,
 )
 from widesparse.train.config import RESUME_OVERRIDABLE, TrainConfig
+from widesparse.train.device import check_device
 from widesparse.train.feed import Feed, SplitName, epoch_seed, open_feed
 from widesparse.train.metrics import MetricsLog
 from widesparse.train.recipe import autocast, eval_sums_batches, evaluate, param_groups, warmup_cosine
@@ -141,6 +142,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         ckpt = load_checkpoint(path)
         config = TrainConfig.from_dict({**ckpt["config"], **{k: getattr(config, k) for k in RESUME_OVERRIDABLE}})
     config.validate()
+    check_device(config.device)  # one clear line before anything starts
     old_threads = torch.get_num_threads()
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from widesparse.models import create_model
+from widesparse.train.checkpoint import CheckpointError, read_torch_file
 
 __all__ = ["init_model", "load_run", "make_run_dir"]
 
@@ -43,7 +44,10 @@ def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
             raise FileNotFoundError(f"{path} not found: {run_dir} is not a finished run folder of `widesparse train`")
     saved = json.loads(cfg_path.read_text())
     model = _model_of(saved)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    state = read_torch_file(weights, "weights")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"weights {weights} cannot be read: it holds a {type(state).__name__}, not a state dict")
+    model.load_state_dict(state)
     return model.to(device).eval(), saved
 
 
