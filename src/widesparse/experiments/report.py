@@ -16,6 +16,7 @@ from typing import Any
 from widesparse import budget
 from widesparse.experiments import figures
 from widesparse.experiments.catalog import get_experiment
+from widesparse.experiments.claims import sweep_lock
 from widesparse.experiments.findings import Verdict, judge
 from widesparse.experiments.table import read_plan, write_table
 from widesparse.train.checkpoint import atomic_write
@@ -190,19 +191,24 @@ def build_report(out_dir: str | Path, log: Any = None) -> dict[str, Any]:
     rows, agg = write_table(out)
     exps = list(dict.fromkeys(r["experiment"] for r in rows))
     verdicts = {e: judge(e, rows) for e in exps}
-    status = {s: sum(r["status"] == s for r in {r["run_id"]: r for r in rows}.values()) for s in ("done", "failed",
-                                                                                                 "todo")}
+    status = {s: sum(r["status"] == s for r in {r["run_id"]: r for r in rows}.values())
+              for s in ("done", "failed", "invalid", "todo")}
+    invalid = sorted({r["run_id"] + ": " + str(r.get("error")) for r in rows if r["status"] == "invalid"})
     title = f"widesparse reproduce --scale {plan.get('scale')}: report"
     blocks: list[Block] = [
         ("h1", title),
         ("p", f"Built {time.strftime('%Y-%m-%d %H:%M')} from {out} ({status['done']} runs done, {status['failed']} "
-              f"failed, {status['todo']} not run). Command: {plan.get('command', '')}. Data: "
+              f"failed, {status['invalid']} invalid, {status['todo']} not run). "
+              f"Command: {plan.get('command', '')}. Data: "
               f"{', '.join(sorted({str(r.get('dataset')) for r in rows if r.get('dataset')})) or '-'}."),
         ("p", "Verdicts are computed from the table below, never typed in: a difference counts only when larger than "
               "the seeds' standard deviation (or 0.5 points of error / 0.01 CKA with one seed). 'inconclusive' means "
               "the effect is within that noise at this scale; 'incomplete' means runs are missing."),
         ("h2", "Summary"), summary_table(verdicts),
     ]
+    if invalid:
+        blocks += [("p", "Invalid runs (their results failed verification and are left out; `widesparse reproduce` "
+                         "quarantines and reruns them):"), ("list", invalid)]
     if plan.get("scale") == "tiny":
         blocks.append(("p", "Scale tiny: 8x8 digits images and widths of a few hundred units; the paper's trends "
                             "are about CIFAR/ImageNet at widths of 10^3-10^5. Disagreements here are reported as "
@@ -231,6 +237,7 @@ def build_report(out_dir: str | Path, log: Any = None) -> dict[str, Any]:
                          if r["experiment"] == e and r["status"] == "failed"})
         if failed:
             blocks += [("p", "Failed runs:"), ("list", failed)]
-    atomic_write(out / "report.md", lambda f: f.write(_render_md(blocks)))
-    atomic_write(out / "report.html", lambda f: f.write(_render_html(blocks, out, title)))
+    with sweep_lock(out):
+        atomic_write(out / "report.md", lambda f: f.write(_render_md(blocks)))
+        atomic_write(out / "report.html", lambda f: f.write(_render_html(blocks, out, title)))
     return {"verdicts": verdicts, "status": status, "summary_md": _render_md([summary_table(verdicts)])}

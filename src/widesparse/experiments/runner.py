@@ -2,11 +2,15 @@
 
 ``OUT/plan.json`` lists every point of the sweep; ``OUT/runs/<id>/result.json`` marks a finished run.
 A rerun skips finished runs and resumes interrupted training runs from their checkpoints, so an interrupted
-sweep loses at most the unfinished epochs of the runs in flight and repeats nothing.
+sweep loses at most the unfinished epochs of the runs in flight and repeats nothing. Several sweeps may share one
+output folder: each run is executed under its claim (:mod:`widesparse.experiments.claims`); a sweep skips the
+runs another live sweep holds and, before the next phase, waits for them (taking over any whose claim turns
+stale), so every run is done exactly once. A run whose result fails verification is quarantined and run again.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -18,9 +22,10 @@ from typing import Any
 from widesparse.budget import tokens_for_patch
 from widesparse.data.datasets import image_geometry
 from widesparse.experiments.catalog import get_experiment, list_experiments
+from widesparse.experiments.claims import claim_status, sweep_lock
 from widesparse.experiments.scales import get_scale
 from widesparse.experiments.specs import KINDS, Point, Run, forward_flops
-from widesparse.experiments.tasks import execute, is_done
+from widesparse.experiments.tasks import ERROR, execute, is_done
 from widesparse.train.checkpoint import write_json
 
 __all__ = ["BACKENDS", "SweepResult", "expand", "unique_runs", "check_data", "estimate", "format_plan",
@@ -172,7 +177,8 @@ def format_plan(points: Sequence[Point], out_dir: str | Path | None = None) -> s
 def write_plan(points: Sequence[Point], out_dir: Path, info: dict[str, Any]) -> None:
     rows = [{"experiment": p.experiment, "run_id": p.run.id, "kind": p.run.kind, "params": p.run.params,
              "needs": list(p.run.needs), "meta": p.meta} for p in points]
-    write_json(out_dir / "plan.json", {**info, "points": rows})
+    with sweep_lock(out_dir):
+        write_json(out_dir / "plan.json", {**info, "points": rows})
 
 
 @dataclass
@@ -226,10 +232,38 @@ def _ray(batch: list[Run], out: str, workers: int, threads: int | None, done: Ca
         done(ray.get(ready[0]))
 
 
+def _wait_for_held(held: list[Run], out: Path, poll: float, log: Callable[[str], None]) -> list[Run]:
+    """Poll the runs another live sweep holds until each is done (dropped), failed by its holder (returned with
+    ``failed`` info via the log), or free/stale again (returned: this sweep executes it, taking a stale claim)."""
+    if held:
+        log(f"waiting for {len(held)} runs another sweep is executing: {', '.join(r.id for r in held)}")
+    again: list[Run] = []
+    pending = list(held)
+    while pending:
+        still = []
+        for r in pending:
+            run_dir = out / "runs" / r.id
+            if is_done(run_dir):
+                continue
+            if claim_status(run_dir).state == "held":
+                still.append(r)
+            else:
+                again.append(r)
+        pending = still
+        if pending:
+            time.sleep(poll)
+    return again
+
+
 def run_sweep(points: Sequence[Point], out_dir: str | Path, *, backend: str = "local", workers: int = 1,
               threads: int | None = None, address: str | None = None, gpus_per_run: float | None = None,
-              keep_checkpoints: bool = False, log: Callable[[str], None] | None = None) -> SweepResult:
-    """Execute every unfinished run of ``points`` under ``out_dir`` (phases in :data:`KINDS` order)."""
+              keep_checkpoints: bool = False, log: Callable[[str], None] | None = None,
+              poll: float = 2.0) -> SweepResult:
+    """Execute every unfinished run of ``points`` under ``out_dir`` (phases in :data:`KINDS` order).
+
+    Runs held by another live sweep are skipped, then waited for (every ``poll`` seconds) before the next phase;
+    a run that other sweep left unfinished (failed, or its claim went stale) is executed here.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -243,16 +277,29 @@ def run_sweep(points: Sequence[Point], out_dir: str | Path, *, backend: str = "l
     todo = [r for r in runs if not is_done(out / "runs" / r.id)]
     res.cached = len(runs) - len(todo)
     counter = [res.cached]
+    held: list[Run] = []
+    by_id = {r.id: r for r in runs}
 
     def done(info: dict[str, Any]) -> None:
+        if info.get("busy"):
+            held.append(by_id[info["id"]])
+            return
         counter[0] += 1
         where = ",".join(dict.fromkeys(exps.get(info["id"], [])))
         if info["ok"]:
             res.ran += not info.get("cached")
-            log(f"[{counter[0]}/{len(runs)}] {info['id']} ({where}) done in {info['seconds']:.1f} s")
+            how = "done by another sweep" if info.get("elsewhere") else f"done in {info['seconds']:.1f} s"
+            log(f"[{counter[0]}/{len(runs)}] {info['id']} ({where}) {how}")
         else:
             res.failed.append(info)
             log(f"[{counter[0]}/{len(runs)}] {info['id']} ({where}) FAILED: {info['error']}")
+
+    def execute_batch(batch: list[Run]) -> None:
+        if backend == "local":
+            _local(batch, str(out), workers, threads, done, keep_checkpoints)
+        else:
+            gpus = gpus_per_run if gpus_per_run is not None else _default_gpus(batch)
+            _ray(batch, str(out), workers, threads, done, address, gpus, keep_checkpoints)
 
     if res.cached:
         log(f"{res.cached} of {len(runs)} runs already done in {out}; running the other {len(todo)}")
@@ -263,13 +310,19 @@ def run_sweep(points: Sequence[Point], out_dir: str | Path, *, backend: str = "l
         for r in batch:
             if r not in ready:
                 done({"id": r.id, "ok": False, "error": "a run it needs failed", "seconds": 0.0})
-        if not ready:
-            continue
-        if backend == "local":
-            _local(ready, str(out), workers, threads, done, keep_checkpoints)
-        else:
-            gpus = gpus_per_run if gpus_per_run is not None else _default_gpus(ready)
-            _ray(ready, str(out), workers, threads, done, address, gpus, keep_checkpoints)
+        while ready:
+            held.clear()
+            execute_batch(ready)
+            waited, ready = list(held), []
+            for r in _wait_for_held(waited, out, poll, log):
+                if (out / "runs" / r.id / ERROR).is_file() and claim_status(out / "runs" / r.id).state == "free":
+                    err = json.loads((out / "runs" / r.id / ERROR).read_text()).get("error")
+                    done({"id": r.id, "ok": False, "error": f"failed in another sweep: {err}", "seconds": 0.0})
+                else:
+                    ready.append(r)  # left unfinished by a holder that is gone: ours now
+            for r in waited:
+                if r not in ready and is_done(out / "runs" / r.id):
+                    done({"id": r.id, "ok": True, "cached": True, "elsewhere": True, "seconds": 0.0})
         failed_ids = {f["id"] for f in res.failed}
     res.seconds = time.perf_counter() - t0
     return res

@@ -2,6 +2,8 @@
 
 Built from ``OUT/plan.json`` and the runs' ``result.json`` files only, so ``widesparse report OUT`` can
 rebuild it at any time (also while a sweep is still running: unfinished runs are rows with ``status="todo"``).
+A run whose ``result.json`` fails verification never stops the table: its rows have ``status="invalid"`` and an
+``error`` naming the file and what is wrong (the next ``widesparse reproduce`` quarantines and reruns it).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from widesparse.data.datasets import image_geometry
+from widesparse.experiments.claims import sweep_lock
 from widesparse.experiments.specs import forward_flops
-from widesparse.experiments.tasks import ERROR, RESULT
+from widesparse.experiments.tasks import ERROR, InvalidRun, verify
 from widesparse.train.checkpoint import atomic_write
 
 __all__ = ["COLUMNS", "METRICS", "load_rows", "write_table", "aggregate", "read_plan"]
@@ -50,8 +53,16 @@ def _flops(row: dict[str, Any], params: dict[str, Any]) -> float | None:
     return forward_flops(row["connections"], row["m"], row.get("S") or 1, *image_geometry(cfg["dataset"]))
 
 
+def _error_of(path: Path) -> str:
+    try:
+        return str(json.loads(path.read_text()).get("error"))
+    except (OSError, ValueError, AttributeError) as e:
+        return f"{path} cannot be read ({type(e).__name__}: {e})"
+
+
 def load_rows(out_dir: str | Path) -> list[dict[str, Any]]:
-    """One dict per point of the plan, with its run's result merged in (``status``: done, failed or todo)."""
+    """One dict per point of the plan, with its run's result merged in (``status``: done, failed, invalid or
+    todo)."""
     out = Path(out_dir)
     plan = read_plan(out)
     cache: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -60,11 +71,17 @@ def load_rows(out_dir: str | Path) -> list[dict[str, Any]]:
         rid = pt["run_id"]
         if rid not in cache:
             run_dir = out / "runs" / rid
-            if (run_dir / RESULT).is_file():
-                rec = json.loads((run_dir / RESULT).read_text())
+            try:
+                rec = verify(run_dir)
+            except InvalidRun as e:
+                cache[rid] = ("invalid", {"error": str(e)})
+                rec = None
+            if rid in cache:
+                pass
+            elif rec is not None:
                 cache[rid] = ("done", {**_scalars(rec["result"]), "wall_seconds": rec.get("wall_seconds")})
             elif (run_dir / ERROR).is_file():
-                cache[rid] = ("failed", {"error": json.loads((run_dir / ERROR).read_text()).get("error")})
+                cache[rid] = ("failed", {"error": _error_of(run_dir / ERROR)})
             else:
                 cache[rid] = ("todo", {})
         status, result = cache[rid]
@@ -115,9 +132,10 @@ def write_table(out_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[st
     rows = load_rows(out)
     extra = sorted({k for r in rows for k in r} - set(COLUMNS) - {"error"})
     columns = [*COLUMNS, *extra, "error"]
-    atomic_write(out / "results.csv", lambda f: f.write(_csv(rows, columns)))
-    atomic_write(out / "results.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows)))
     agg = aggregate(rows)
     agg_cols = list(dict.fromkeys(k for a in agg for k in a))
-    atomic_write(out / "aggregated.csv", lambda f: f.write(_csv(agg, agg_cols)))
+    with sweep_lock(out):
+        atomic_write(out / "results.csv", lambda f: f.write(_csv(rows, columns)))
+        atomic_write(out / "results.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows)))
+        atomic_write(out / "aggregated.csv", lambda f: f.write(_csv(agg, agg_cols)))
     return rows, agg

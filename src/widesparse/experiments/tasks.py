@@ -1,14 +1,20 @@
-"""Execute one :class:`~widesparse.experiments.specs.Run` in its folder and write ``result.json`` atomically.
+"""Execute one :class:`~widesparse.experiments.specs.Run` in its folder and write a verified ``result.json``.
 
 Uses the engine (:func:`widesparse.train.engine.train`), CKA, spectra and profiling. A run folder is
-``OUT/runs/<run id>``; ``result.json`` appears only when the run finished, so its presence is what "done" means. A
-training run interrupted mid-way resumes from its ``checkpoint.pt`` (exactly: the engine's resume).
+``OUT/runs/<run id>``; it is written only under its claim (:mod:`widesparse.experiments.claims`). ``result.json``
+appears only when the run finished, and records the size and SHA-256 of every file the run wrote (its
+artefacts) plus a ``checksum`` of its own canonical JSON, so "done" means: ``result.json`` parses, its checksum
+matches, and every artefact is there unchanged (:func:`verify`). A run that fails verification is not done: the
+next :func:`execute` moves the folder to ``OUT/quarantine/`` and runs it again. A ``result.json`` without a
+checksum (written before results were verified) is accepted as it is, unverified: rerunning every old sweep
+would cost more than it protects. A training run interrupted mid-way resumes from its ``checkpoint.pt``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import json
 import platform
@@ -18,18 +24,99 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESULT", "ERROR", "execute", "is_done", "read_result"]
+__all__ = ["RESULT", "ERROR", "InvalidRun", "artefacts", "execute", "is_done", "read_result", "verify"]
 
 RESULT = "result.json"
 ERROR = "error.json"
 
 
+_NOT_ARTEFACTS = {RESULT, ERROR, "checkpoint.pt"}
+
+
+class InvalidRun(ValueError):
+    """A run folder whose ``result.json`` fails verification (the message names the file and what is wrong)."""
+
+
+_HASHED: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def _sha256(path: Path) -> str:
+    """SHA-256 of a file, remembered per (path, inode, size, mtime, ctime) so a sweep that checks every run several
+    times reads each large ``model.pt`` once; any write to the file changes its ctime and it is hashed again."""
+    st = path.stat()
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _HASHED:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _HASHED[key] = h.hexdigest()
+    return _HASHED[key]
+
+
+def artefacts(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """``{name: {"size", "sha256"}}`` of every file a run wrote (not its result, error, checkpoint or temp files)."""
+    out = {}
+    for path in sorted(run_dir.rglob("*")):
+        name = path.relative_to(run_dir).as_posix()
+        if path.is_file() and name not in _NOT_ARTEFACTS and not path.name.startswith("."):
+            out[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return out
+
+
+def _checksum(record: dict[str, Any]) -> str:
+    body = {k: v for k, v in record.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def verify(run_dir: Path) -> dict[str, Any] | None:
+    """The verified record of a finished run; ``None`` when ``result.json`` is absent (not done).
+
+    Raises :class:`InvalidRun` naming the file when ``result.json`` is unreadable, its checksum does not match, or
+    an artefact it lists is missing or changed (size or SHA-256).
+    """
+    path = run_dir / RESULT
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidRun(f"{path} cannot be read ({type(e).__name__}: {e})") from None
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        raise InvalidRun(f"{path} is not valid JSON (truncated or garbage: {e})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("result"), dict):
+        raise InvalidRun(f"{path} is not a run result (no 'result' object)")
+    if "checksum" not in record:
+        return record  # written before results were verified: accepted, unverified
+    if record["checksum"] != _checksum(record):
+        raise InvalidRun(f"{path}: checksum mismatch (the file was changed or damaged after it was written)")
+    for name, want in record.get("artefacts", {}).items():
+        f = run_dir / name
+        if not f.is_file():
+            raise InvalidRun(f"{f} is missing (listed in {path})")
+        if f.stat().st_size != want["size"]:
+            raise InvalidRun(f"{f} changed: {f.stat().st_size} bytes, {path} recorded {want['size']}")
+        if _sha256(f) != want["sha256"]:
+            raise InvalidRun(f"{f} changed: its SHA-256 differs from the one {path} recorded")
+    return record
+
+
 def is_done(run_dir: Path) -> bool:
-    return (run_dir / RESULT).is_file()
+    """Finished and verified (:func:`verify`); a run that fails verification is not done. Changes nothing."""
+    try:
+        return verify(run_dir) is not None
+    except InvalidRun:
+        return False
 
 
 def read_result(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / RESULT).read_text())
+    """The verified record of a finished run; FileNotFoundError when not finished, :class:`InvalidRun` when bad."""
+    record = verify(run_dir)
+    if record is None:
+        raise FileNotFoundError(f"{run_dir / RESULT} not found: the run has not finished")
+    return record
 
 
 def _tuples(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -133,11 +220,31 @@ def execute(run: dict[str, Any], out_dir: str, threads: int | None = None,
     Never raises for a failing run: the error and traceback go to ``error.json`` in the run folder and the
     returned dict has ``ok=False`` (a sweep goes on; the report lists the failed runs).
     """
-    from widesparse.train.checkpoint import write_json
+    from widesparse.experiments.claims import claim_run, claim_status
+    from widesparse.train.quarantine import quarantine
 
     run_dir = Path(out_dir) / "runs" / run["id"]
     if is_done(run_dir):
         return {"id": run["id"], "ok": True, "cached": True, "seconds": 0.0}
+    claim = claim_run(run_dir)
+    if claim is None:  # a live holder runs it: the sweep comes back for it
+        holder = claim_status(run_dir).holder
+        return {"id": run["id"], "ok": False, "busy": True, "holder": holder, "seconds": 0.0,
+                "error": f"held by {holder.get('host')} pid {holder.get('pid')}"}
+    with claim:
+        return _execute_claimed(run, run_dir, Path(out_dir), threads, keep_checkpoints, quarantine)
+
+
+def _execute_claimed(run: dict[str, Any], run_dir: Path, out: Path, threads: int | None, keep_checkpoints: bool,
+                     quarantine: Any) -> dict[str, Any]:
+    """:func:`execute` once the run is ours: verify (quarantine a bad folder), run, record."""
+    from widesparse.train.checkpoint import write_json
+
+    try:
+        if verify(run_dir) is not None:  # finished by the previous holder meanwhile
+            return {"id": run["id"], "ok": True, "cached": True, "seconds": 0.0}
+    except InvalidRun as e:
+        quarantine(run_dir, out, str(e))
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
@@ -153,9 +260,12 @@ def execute(run: dict[str, Any], out_dir: str, threads: int | None = None,
     seconds = time.perf_counter() - t0
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / ERROR).unlink(missing_ok=True)
-    record = {"id": run["id"], "kind": run["kind"], "params": run["params"], "result": result,
-              "wall_seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node()}
-    write_json(run_dir / RESULT, record)
     if run["kind"] == "train" and not keep_checkpoints:
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+    record = {"id": run["id"], "kind": run["kind"], "params": run["params"], "result": result,
+              "wall_seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
+              "artefacts": artefacts(run_dir)}
+    record = json.loads(json.dumps(record, default=str))  # exactly what the file will hold, so the checksum holds
+    record["checksum"] = _checksum(record)
+    write_json(run_dir / RESULT, record)
     return {"id": run["id"], "ok": True, "cached": False, "seconds": seconds}
